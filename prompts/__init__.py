@@ -1,0 +1,226 @@
+"""Prompts as data: the WinCLIP prompt ensemble and per-product recipes.
+
+The JSON files beside this module are the source of truth; this module only
+reads and validates them. Nothing here imports torch.
+
+- ``winclip.json``: state words and templates of the compositional prompt ensemble.
+- ``products/<dataset>/<id>.json``: one product recipe per file (object name,
+  optional extra state words, decision threshold, default method, and optional
+  per-method sections such as ``saa``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROMPTS_DIR = Path(__file__).resolve().parent
+PRODUCTS_DIR = PROMPTS_DIR / "products"
+
+PRODUCT_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+METHODS = ("winclip", "anomalyclip", "saa_plus")
+
+
+class PromptFileError(ValueError):
+    """A prompt or product file is missing, not JSON, or does not match its schema."""
+
+
+def _check_state(value: str) -> str:
+    if value.count("{}") != 1:
+        raise ValueError(f"state {value!r} must contain the object placeholder '{{}}' exactly once")
+    return value
+
+
+class ProductRecipe(BaseModel):
+    """A product: what the camera sees and how to judge it.
+
+    ``extra_*_states`` are added to the WinCLIP state lists (each must contain ``{}``
+    once, which is replaced by ``object_name``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=PRODUCT_ID_PATTERN, description="Product id, lowercase letters, digits, '_' or '-'.")
+    object_name: str = Field(min_length=1, max_length=80, description="Noun phrase used in prompts, e.g. 'metal nut'.")
+    dataset: str | None = Field(default=None, description="Origin of a built-in recipe (mvtec_ad, visa) or null.")
+    extra_normal_states: tuple[str, ...] = Field(default=(), description="Extra normal state phrases, e.g. 'clean {}'.")
+    extra_anomalous_states: tuple[str, ...] = Field(default=(), description="Extra anomalous state phrases, e.g. 'cracked {}'.")
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous.")
+    default_method: str = Field(default="winclip", description="Method used when a request names none.")
+    saa: dict[str, Any] | None = Field(default=None, description="SAA+ prompts for this product (see METHODS.md section 3).")
+
+    @field_validator("extra_normal_states", "extra_anomalous_states")
+    @classmethod
+    def _states_have_placeholder(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for v in values:
+            _check_state(v)
+        return values
+
+    @field_validator("default_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"default_method must be one of {', '.join(METHODS)}")
+        return value
+
+    @field_validator("object_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("object_name must not contain braces")
+        return value.strip()
+
+
+@dataclass(frozen=True)
+class PromptEnsemble:
+    """WinCLIP state words and templates (immutable)."""
+
+    normal_states: tuple[str, ...]
+    anomalous_states: tuple[str, ...]
+    templates: tuple[str, ...]
+    default_object_name: str = "object"
+
+    def with_extra_states(self, normal: Iterable[str] = (), anomalous: Iterable[str] = ()) -> PromptEnsemble:
+        return PromptEnsemble(
+            normal_states=self.normal_states + tuple(normal),
+            anomalous_states=self.anomalous_states + tuple(anomalous),
+            templates=self.templates,
+            default_object_name=self.default_object_name,
+        )
+
+    def build(self, object_name: str | None) -> tuple[list[str], list[str]]:
+        """Every state in every template: ``(normal_prompts, anomalous_prompts)``."""
+        name = object_name or self.default_object_name
+        normal = [t.format(s.format(name)) for s in self.normal_states for t in self.templates]
+        anomalous = [t.format(s.format(name)) for s in self.anomalous_states for t in self.templates]
+        return normal, anomalous
+
+    def digest(self, object_name: str | None) -> str:
+        """Content hash of the exact prompt lists for ``object_name`` (16 hex chars)."""
+        normal, anomalous = self.build(object_name)
+        payload = json.dumps({"normal": normal, "anomalous": anomalous}, ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PromptFileError(f"prompt file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def parse_ensemble(doc: Mapping[str, Any], source: str = "<data>") -> PromptEnsemble:
+    try:
+        normal = tuple(_check_state(s) for s in doc["normal_states"])
+        anomalous = tuple(_check_state(s) for s in doc["anomalous_states"])
+        templates = tuple(doc["templates"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PromptFileError(f"{source}: invalid prompt ensemble: {exc}") from exc
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise PromptFileError(f"{source}: template {t!r} must contain '{{}}' exactly once")
+    if not normal or not anomalous or not templates:
+        raise PromptFileError(f"{source}: states and templates must not be empty")
+    return PromptEnsemble(normal, anomalous, templates, str(doc.get("default_object_name", "object")))
+
+
+@lru_cache(maxsize=1)
+def winclip_ensemble() -> PromptEnsemble:
+    """The reference WinCLIP prompt ensemble from ``prompts/winclip.json``."""
+    path = PROMPTS_DIR / "winclip.json"
+    return parse_ensemble(_read_json(path), str(path))
+
+
+def parse_product(doc: Any, source: str = "<data>") -> ProductRecipe:
+    """Validate a product document; raises :class:`PromptFileError` naming the bad field."""
+    if not isinstance(doc, Mapping):
+        raise PromptFileError(f"{source}: a product file must hold a JSON object")
+    try:
+        recipe = ProductRecipe.model_validate(dict(doc))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise PromptFileError(f"{source}: invalid product recipe: {problems}") from exc
+    if recipe.saa is not None:
+        _validate_saa_section(recipe, source)
+    return recipe
+
+
+def _validate_saa_section(recipe: ProductRecipe, source: str) -> None:
+    """Hook for the SAA+ section schema (defined beside the SAA+ method)."""
+    try:
+        from prompts.saa import validate_saa_section  # local import: optional schema module
+    except ImportError:
+        return
+    try:
+        validate_saa_section(recipe.saa or {})
+    except ValueError as exc:
+        raise PromptFileError(f"{source}: invalid saa section: {exc}") from exc
+
+
+def load_product_file(path: str | Path) -> ProductRecipe:
+    path = Path(path)
+    recipe = parse_product(_read_json(path), str(path))
+    if recipe.id != path.stem:
+        raise PromptFileError(f"{path}: id {recipe.id!r} does not match the file name {path.stem!r}")
+    return recipe
+
+
+@lru_cache(maxsize=1)
+def builtin_products() -> dict[str, ProductRecipe]:
+    """All built-in product recipes, by id (scans ``prompts/products/*/*.json``)."""
+    found: dict[str, ProductRecipe] = {}
+    for path in sorted(PRODUCTS_DIR.glob("*/*.json")):
+        recipe = load_product_file(path)
+        if recipe.id in found:
+            raise PromptFileError(f"{path}: duplicate product id {recipe.id!r}")
+        found[recipe.id] = recipe
+    return found
+
+
+def get_builtin_product(product_id: str) -> ProductRecipe:
+    try:
+        return builtin_products()[product_id]
+    except KeyError:
+        raise KeyError(f"unknown product {product_id!r}") from None
+
+
+def ensemble_for(recipe: ProductRecipe | None) -> PromptEnsemble:
+    """The WinCLIP ensemble extended with a recipe's extra states."""
+    base = winclip_ensemble()
+    if recipe is None:
+        return base
+    return base.with_extra_states(recipe.extra_normal_states, recipe.extra_anomalous_states)
+
+
+def is_valid_product_id(product_id: str) -> bool:
+    return re.fullmatch(PRODUCT_ID_PATTERN, product_id) is not None
+
+
+__all__ = [
+    "METHODS",
+    "PRODUCTS_DIR",
+    "PROMPTS_DIR",
+    "ProductRecipe",
+    "PromptEnsemble",
+    "PromptFileError",
+    "builtin_products",
+    "ensemble_for",
+    "get_builtin_product",
+    "is_valid_product_id",
+    "load_product_file",
+    "parse_ensemble",
+    "parse_product",
+    "winclip_ensemble",
+]
