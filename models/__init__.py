@@ -21,7 +21,13 @@ from models.base import (
     ReferenceSet,
     WeightsError,
 )
-from models.registry import list_detectors, load_detector, load_detector_from_dir, method_spec
+from models.registry import (
+    list_detectors,
+    load_detector,
+    load_detector_from_dir,
+    load_tiny_detector,
+    method_spec,
+)
 
 __all__ = [
     "RANDOM_INIT",
@@ -36,5 +42,6 @@ __all__ = [
     "list_detectors",
     "load_detector",
     "load_detector_from_dir",
+    "load_tiny_detector",
     "method_spec",
 ]

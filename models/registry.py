@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class MethodSpec:
     required_weights: Callable[..., tuple[str, ...]]
     weights_from_dir: Callable[..., Any]
     description: str = ""
+    #: keyword arguments that select the tiny random-init test/demo configuration
+    tiny_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -74,6 +76,14 @@ def load_detector(method: str, weights: Any = None, device: str = "cpu", **kwarg
         **kwargs: method options (backbone, precision, cache, ...).
     """
     return method_spec(method).build(weights=weights, device=device, **kwargs)
+
+
+def load_tiny_detector(method: str, device: str = "cpu", **kwargs: Any) -> Detector:
+    """The method on its tiny random-init configuration (tests, labelled demo mode)."""
+    from models.base import RANDOM_INIT
+
+    spec = method_spec(method)
+    return spec.build(weights=RANDOM_INIT, device=device, **{**spec.tiny_kwargs, **kwargs})
 
 
 def load_detector_from_dir(method: str, weights_dir: str | Path, device: str = "cpu", **kwargs: Any) -> Detector:
