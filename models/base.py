@@ -194,6 +194,19 @@ class Detector(ABC):
     device: str
     random_weights: bool
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Increment a work counter (e.g. ``text_prototypes_computed``); thread-safe."""
+        lock = self.__dict__.setdefault("_counter_lock", threading.Lock())
+        with lock:
+            counters = self.__dict__.setdefault("_counters", {})
+            counters[name] = counters.get(name, 0) + n
+
+    def counters(self) -> dict[str, int]:
+        """Work done so far, e.g. ``{"text_prototypes_computed": 2, "references_encoded": 1}``."""
+        lock = self.__dict__.setdefault("_counter_lock", threading.Lock())
+        with lock:
+            return dict(self.__dict__.get("_counters", {}))
+
     @property
     def model_key(self) -> str:
         """``method/model/weights`` identity used in every cache key."""
