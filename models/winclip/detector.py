@@ -1,0 +1,256 @@
+"""WinCLIP (zero-shot) and WinCLIP+ (few-shot) detector (METHODS.md section 1)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import open_clip
+import torch
+
+from models.base import (
+    AnomalyResult,
+    ArrayCache,
+    Detector,
+    LocalArrayCache,
+    ReferenceSet,
+    check_image,
+    image_hash,
+)
+from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
+from models.winclip.encoder import EncodedImages, LowPrecisionTower, TowerFn, VisualTower, WinClipEncoder
+from models.winclip.maths import (
+    TEMPERATURE,
+    class_scores,
+    fuse_zero_shot,
+    harmonic_aggregation,
+    upsample_map,
+    visual_association,
+)
+from prompts import PromptEnsemble, ensemble_for
+
+if TYPE_CHECKING:
+    from prompts import ProductRecipe
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_BATCH = 64  # prompts per text-encoder pass
+
+
+class WinClipDetector(Detector):
+    """WinCLIP / WinCLIP+ on an open_clip ViT.
+
+    Holds the model, the window index tensors and a cache of text prototypes (keyed
+    by model, weights and prompt content). No per-request state: ``predict_batch``
+    and ``encode_references`` may run concurrently from several threads.
+
+    Args:
+        backbone: loaded open_clip model (:func:`models.clip_backbone.create_clip`).
+        device: torch device string.
+        scales: window sizes in patches (reference: (2, 3)).
+        cache: where text prototypes are kept (default: in-process LRU).
+        precision: ``fp32`` (default), ``bf16`` or ``fp16`` for the visual tower;
+            scores and aggregation are always computed in float32.
+        tower: optional replacement for the visual tower (e.g. an ONNX session), same
+            signature as :class:`models.winclip.encoder.VisualTower`.
+    """
+
+    method = "winclip"
+    supports_references = True
+
+    def __init__(
+        self,
+        *,
+        backbone: ClipBackbone,
+        device: str = "cpu",
+        scales: Sequence[int] = (2, 3),
+        temperature: float = TEMPERATURE,
+        cache: ArrayCache | None = None,
+        precision: str = "fp32",
+        tower: TowerFn | None = None,
+        tower_label: str = "torch",
+    ) -> None:
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and not str(device).startswith("cuda"):
+            raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
+        self.backbone = backbone
+        self.clip = backbone.model
+        self.model_name = backbone.model_name
+        self.weights_tag = backbone.weights_tag
+        self.random_weights = backbone.random_weights
+        self.device = str(device)
+        self.temperature = float(temperature)
+        self.precision = precision
+        self.cache: ArrayCache = cache if cache is not None else LocalArrayCache()
+        self.tokenizer = open_clip.get_tokenizer(backbone.model_name)
+        fp32_tower = VisualTower(self.clip.visual)
+        if tower is None:
+            tower = fp32_tower if precision == "fp32" else LowPrecisionTower(fp32_tower, _PRECISIONS[precision])
+        self.tower_label = tower_label
+        self.encoder = WinClipEncoder(visual=self.clip.visual, scales=scales, tower=tower)
+        self.scales = self.encoder.scales
+        self._text_locks: dict[str, threading.Lock] = {}
+        self._text_locks_guard = threading.Lock()
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt_inputs(self, object_name: str | None, product: ProductRecipe | None) -> tuple[PromptEnsemble, str | None]:
+        name = object_name or (product.object_name if product is not None else None)
+        return ensemble_for(product), name
+
+    def prompt_digest(self, object_name: str | None = None, product: ProductRecipe | None = None) -> str:
+        ensemble, name = self._prompt_inputs(object_name, product)
+        return ensemble.digest(name)
+
+    def text_cache_key(self, digest: str) -> str:
+        return f"winclip:text:{self.model_key}:{digest}"
+
+    @torch.no_grad()
+    def compute_text_prototypes(self, ensemble: PromptEnsemble, object_name: str | None) -> torch.Tensor:
+        """``[2, E]`` float32: mean of the UNNORMALISED text embeddings of the normal and anomalous prompts."""
+        normal, anomalous = ensemble.build(object_name)
+        protos = []
+        for prompts in (normal, anomalous):
+            tokens = self.tokenizer(prompts).to(self.device)  # [N, n_ctx]
+            emb = torch.cat([encode_text_trimmed(self.clip, tokens[i : i + TEXT_BATCH]) for i in range(0, len(prompts), TEXT_BATCH)])
+            protos.append(emb.float().mean(dim=0))
+        return torch.stack(protos)  # [2, E]
+
+    def text_prototypes(self, object_name: str | None = None, product: ProductRecipe | None = None) -> torch.Tensor:
+        """Cached text prototypes ``[2, E]`` on the detector's device."""
+        ensemble, name = self._prompt_inputs(object_name, product)
+        key = self.text_cache_key(ensemble.digest(name))
+        cached = self.cache.get_array(key)
+        if cached is None:
+            with self._text_locks_guard:
+                lock = self._text_locks.setdefault(key, threading.Lock())
+            with lock:  # one computation per key even under concurrent requests
+                cached = self.cache.get_array(key)
+                if cached is None:
+                    protos = self.compute_text_prototypes(ensemble, name)
+                    self.count("text_prototypes_computed")
+                    cached = protos.cpu().numpy().astype(np.float32)
+                    self.cache.set_array(key, cached)
+        return torch.from_numpy(np.array(cached, dtype=np.float32)).to(self.device)
+
+    # --------------------------------------------------------------- references
+    @torch.no_grad()
+    def encode_references(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: ProductRecipe | None = None,
+    ) -> ReferenceSet:
+        """Encode K normal images into the WinCLIP+ memory.
+
+        Memory: patch tokens (after ln_post, not projected) and each scale's window
+        embeddings, all references flattened together. Independent of prompts.
+        """
+        if len(images) == 0:
+            raise ValueError("at least one reference image is needed")
+        for i, img in enumerate(images):
+            check_image(img, f"reference image {i}")
+        enc = self._encode(list(images))
+        arrays: dict[str, np.ndarray] = {"patches": enc.patches.reshape(-1, enc.patches.shape[-1]).float().cpu().numpy()}
+        for k, w in enc.windows.items():
+            arrays[f"windows_{k}"] = w.reshape(-1, w.shape[-1]).float().cpu().numpy()
+        self.count("references_encoded", len(images))
+        return ReferenceSet(
+            method=self.method,
+            model_key=self.model_key,
+            image_hashes=tuple(image_hash(img) for img in images),
+            arrays=arrays,
+        )
+
+    # ---------------------------------------------------------------- inference
+    def _encode(self, images: list[np.ndarray]) -> EncodedImages:
+        pixels = preprocess(images, self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device)
+        return self.encoder.encode(pixels)
+
+    def zero_shot_maps(self, enc: EncodedImages, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores ``[B]`` and zero-shot grid maps ``[B, h, w]`` (float32)."""
+        s_img = class_scores(enc.image.float(), prototypes, self.temperature)  # [B]
+        scale_maps = []
+        for k in self.scales:
+            s_win = class_scores(enc.windows[k].float(), prototypes, self.temperature)  # [B, W]
+            scale_maps.append(harmonic_aggregation(s_win, self.encoder.grid_size, self.encoder.aggregation_index[k]))
+        return s_img, fuse_zero_shot(s_img, scale_maps)
+
+    def few_shot_map(self, enc: EncodedImages, references: ReferenceSet) -> torch.Tensor:
+        """WinCLIP+ few-shot grid map ``[B, h, w]``: mean of patch VA and per-scale harmonic window VA."""
+        b = enc.image.shape[0]
+        gh, gw = self.encoder.grid_size
+        mem_patches = torch.tensor(np.asarray(references.arrays["patches"])).to(self.device)
+        maps = [visual_association(enc.patches.float(), mem_patches).reshape(b, gh, gw)]
+        for k in self.scales:
+            mem = torch.tensor(np.asarray(references.arrays[f"windows_{k}"])).to(self.device)
+            va = visual_association(enc.windows[k].float(), mem)  # [B, W]
+            maps.append(harmonic_aggregation(va, self.encoder.grid_size, self.encoder.aggregation_index[k]))
+        return torch.stack(maps).mean(dim=0)
+
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: ProductRecipe | None = None,
+        references: ReferenceSet | None = None,
+    ) -> list[AnomalyResult]:
+        """Score a batch of ``HWC uint8 RGB`` images of one product (sizes may differ).
+
+        Returns one :class:`AnomalyResult` per image; its ``anomaly_map`` is float32
+        ``(H, W)`` of that image with values in [0, 1]. Timings are per batch.
+        """
+        if len(images) == 0:
+            return []
+        self.check_references(references)
+        for i, img in enumerate(images):
+            check_image(img, f"image {i}")
+        t0 = time.perf_counter()
+        prototypes = self.text_prototypes(object_name, product)
+        t1 = time.perf_counter()
+        pixels = preprocess(list(images), self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device)
+        t2 = time.perf_counter()
+        enc = self.encoder.encode(pixels)
+        t3 = time.perf_counter()
+        scores, grid = self.zero_shot_maps(enc, prototypes)
+        if references is not None:
+            fs = self.few_shot_map(enc, references)
+            grid = (grid + fs) / 2
+            scores = (scores + fs.flatten(1).amax(dim=1)) / 2
+        t4 = time.perf_counter()
+        maps = []
+        for i, img in enumerate(images):
+            m = upsample_map(grid[i].float(), (img.shape[0], img.shape[1])).clamp_(0.0, 1.0)
+            maps.append(m.cpu().numpy().astype(np.float32, copy=False))
+        t5 = time.perf_counter()
+        timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2, "score": t4 - t3, "upsample": t5 - t4}
+        digest = self.prompt_digest(object_name, product)
+        results = []
+        for i, m in enumerate(maps):
+            m.setflags(write=False)
+            results.append(
+                AnomalyResult(
+                    score=float(scores[i].clamp(0.0, 1.0)),
+                    anomaly_map=m,
+                    method=self.method,
+                    model=self.model_name,
+                    weights=self.weights_tag,
+                    prompt_digest=digest,
+                    used_references=references is not None,
+                    random_weights=self.random_weights,
+                    timings=dict(timings),
+                    details={"precision": self.precision, "backend": self.tower_label, "batch_size": len(images)},
+                )
+            )
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": self.precision, "backend": self.tower_label, "scales": list(self.scales)}
+
+
+WEIGHTS_NAME = "openclip-vit-b-16-plus-240-laion400m_e31"
