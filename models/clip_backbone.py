@@ -92,12 +92,16 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
         parts = []
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+            parts.append(
+                f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            )
         if missing:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise WeightsError(f"weights file {source} does not fit architecture {model_name}: " + "; ".join(parts))
+        raise WeightsError(
+            f"weights file {source} does not fit architecture {model_name}: " + "; ".join(parts)
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -150,7 +154,13 @@ def create_clip(
     model.to(device)
     size = model.visual.image_size
     image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return ClipBackbone(model=model, model_name=model_name, weights_tag=tag, random_weights=random_weights, image_size=image_size)
+    return ClipBackbone(
+        model=model,
+        model_name=model_name,
+        weights_tag=tag,
+        random_weights=random_weights,
+        image_size=image_size,
+    )
 
 
 def preprocess(
@@ -168,7 +178,9 @@ def preprocess(
     batch = []
     for i, img in enumerate(images):
         check_image(img, f"image {i}")
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)  # [1,3,H,W]
+        t = (
+            torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        )  # [1,3,H,W]
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         batch.append(t)

@@ -86,7 +86,9 @@ def load_tiny_detector(method: str, device: str = "cpu", **kwargs: Any) -> Detec
     return spec.build(weights=RANDOM_INIT, device=device, **{**spec.tiny_kwargs, **kwargs})
 
 
-def load_detector_from_dir(method: str, weights_dir: str | Path, device: str = "cpu", **kwargs: Any) -> Detector:
+def load_detector_from_dir(
+    method: str, weights_dir: str | Path, device: str = "cpu", **kwargs: Any
+) -> Detector:
     """Build a detector from the files in ``weights_dir``; a clear error if any is missing."""
     spec = method_spec(method)
     needed = spec.required_weights(**kwargs)

@@ -34,7 +34,15 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, object] | N
         if a.dtype.name not in _ALLOWED_DTYPES:
             raise SerializationError(f"dtype {a.dtype} of {name!r} cannot be serialized")
         raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        entries.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offset, "nbytes": len(raw)})
+        entries.append(
+            {
+                "name": name,
+                "dtype": a.dtype.name,
+                "shape": list(a.shape),
+                "offset": offset,
+                "nbytes": len(raw),
+            }
+        )
         chunks.append(raw)
         offset += len(raw)
     header = json.dumps({"arrays": entries, "meta": dict(meta or {})}, separators=(",", ":")).encode()

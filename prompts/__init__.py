@@ -48,14 +48,28 @@ class ProductRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(pattern=PRODUCT_ID_PATTERN, description="Product id, lowercase letters, digits, '_' or '-'.")
-    object_name: str = Field(min_length=1, max_length=80, description="Noun phrase used in prompts, e.g. 'metal nut'.")
-    dataset: str | None = Field(default=None, description="Origin of a built-in recipe (mvtec_ad, visa) or null.")
-    extra_normal_states: tuple[str, ...] = Field(default=(), description="Extra normal state phrases, e.g. 'clean {}'.")
-    extra_anomalous_states: tuple[str, ...] = Field(default=(), description="Extra anomalous state phrases, e.g. 'cracked {}'.")
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous.")
+    id: str = Field(
+        pattern=PRODUCT_ID_PATTERN, description="Product id, lowercase letters, digits, '_' or '-'."
+    )
+    object_name: str = Field(
+        min_length=1, max_length=80, description="Noun phrase used in prompts, e.g. 'metal nut'."
+    )
+    dataset: str | None = Field(
+        default=None, description="Origin of a built-in recipe (mvtec_ad, visa) or null."
+    )
+    extra_normal_states: tuple[str, ...] = Field(
+        default=(), description="Extra normal state phrases, e.g. 'clean {}'."
+    )
+    extra_anomalous_states: tuple[str, ...] = Field(
+        default=(), description="Extra anomalous state phrases, e.g. 'cracked {}'."
+    )
+    threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
+    )
     default_method: str = Field(default="winclip", description="Method used when a request names none.")
-    saa: dict[str, Any] | None = Field(default=None, description="SAA+ prompts for this product (see METHODS.md section 3).")
+    saa: dict[str, Any] | None = Field(
+        default=None, description="SAA+ prompts for this product (see METHODS.md section 3)."
+    )
 
     @field_validator("extra_normal_states", "extra_anomalous_states")
     @classmethod

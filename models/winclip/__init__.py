@@ -41,7 +41,12 @@ def build_winclip(
             onnxruntime; needs the ``onnx`` extra).
         onnx_path: where the exported tower lives (exported there if missing).
     """
-    bb = create_clip(backbone, weights, pretrained_tag=pretrained_tag if backbone == DEFAULT_BACKBONE else None, device=device)
+    bb = create_clip(
+        backbone,
+        weights,
+        pretrained_tag=pretrained_tag if backbone == DEFAULT_BACKBONE else None,
+        device=device,
+    )
     tower = None
     if tower_backend == "onnx":
         from models.onnx_export import onnx_tower_for
@@ -50,7 +55,13 @@ def build_winclip(
     elif tower_backend != "torch":
         raise ValueError(f"tower_backend must be 'torch' or 'onnx', got {tower_backend!r}")
     return WinClipDetector(
-        backbone=bb, device=device, cache=cache, precision=precision, scales=scales, tower=tower, tower_label=tower_backend
+        backbone=bb,
+        device=device,
+        cache=cache,
+        precision=precision,
+        scales=scales,
+        tower=tower,
+        tower_label=tower_backend,
     )
 
 
@@ -75,4 +86,11 @@ register_method(
     )
 )
 
-__all__ = ["DEFAULT_BACKBONE", "DEFAULT_TAG", "VisualTower", "WinClipDetector", "WinClipEncoder", "build_winclip"]
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "DEFAULT_TAG",
+    "VisualTower",
+    "WinClipDetector",
+    "WinClipEncoder",
+    "build_winclip",
+]

@@ -88,7 +88,9 @@ class WinClipDetector(Detector):
         self.tokenizer = open_clip.get_tokenizer(backbone.model_name)
         fp32_tower = VisualTower(self.clip.visual)
         if tower is None:
-            tower = fp32_tower if precision == "fp32" else LowPrecisionTower(fp32_tower, _PRECISIONS[precision])
+            tower = (
+                fp32_tower if precision == "fp32" else LowPrecisionTower(fp32_tower, _PRECISIONS[precision])
+            )
         self.tower_label = tower_label
         self.encoder = WinClipEncoder(visual=self.clip.visual, scales=scales, tower=tower)
         self.scales = self.encoder.scales
@@ -96,7 +98,9 @@ class WinClipDetector(Detector):
         self._text_locks_guard = threading.Lock()
 
     # ------------------------------------------------------------------ prompts
-    def _prompt_inputs(self, object_name: str | None, product: ProductRecipe | None) -> tuple[PromptEnsemble, str | None]:
+    def _prompt_inputs(
+        self, object_name: str | None, product: ProductRecipe | None
+    ) -> tuple[PromptEnsemble, str | None]:
         name = object_name or (product.object_name if product is not None else None)
         return ensemble_for(product), name
 
@@ -114,11 +118,18 @@ class WinClipDetector(Detector):
         protos = []
         for prompts in (normal, anomalous):
             tokens = self.tokenizer(prompts).to(self.device)  # [N, n_ctx]
-            emb = torch.cat([encode_text_trimmed(self.clip, tokens[i : i + TEXT_BATCH]) for i in range(0, len(prompts), TEXT_BATCH)])
+            emb = torch.cat(
+                [
+                    encode_text_trimmed(self.clip, tokens[i : i + TEXT_BATCH])
+                    for i in range(0, len(prompts), TEXT_BATCH)
+                ]
+            )
             protos.append(emb.float().mean(dim=0))
         return torch.stack(protos)  # [2, E]
 
-    def text_prototypes(self, object_name: str | None = None, product: ProductRecipe | None = None) -> torch.Tensor:
+    def text_prototypes(
+        self, object_name: str | None = None, product: ProductRecipe | None = None
+    ) -> torch.Tensor:
         """Cached text prototypes ``[2, E]`` on the detector's device."""
         ensemble, name = self._prompt_inputs(object_name, product)
         key = self.text_cache_key(ensemble.digest(name))
@@ -154,7 +165,9 @@ class WinClipDetector(Detector):
         for i, img in enumerate(images):
             check_image(img, f"reference image {i}")
         enc = self._encode(list(images))
-        arrays: dict[str, np.ndarray] = {"patches": enc.patches.reshape(-1, enc.patches.shape[-1]).float().cpu().numpy()}
+        arrays: dict[str, np.ndarray] = {
+            "patches": enc.patches.reshape(-1, enc.patches.shape[-1]).float().cpu().numpy()
+        }
         for k, w in enc.windows.items():
             arrays[f"windows_{k}"] = w.reshape(-1, w.shape[-1]).float().cpu().numpy()
         self.count("references_encoded", len(images))
@@ -167,16 +180,22 @@ class WinClipDetector(Detector):
 
     # ---------------------------------------------------------------- inference
     def _encode(self, images: list[np.ndarray]) -> EncodedImages:
-        pixels = preprocess(images, self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device)
+        pixels = preprocess(
+            images, self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device
+        )
         return self.encoder.encode(pixels)
 
-    def zero_shot_maps(self, enc: EncodedImages, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def zero_shot_maps(
+        self, enc: EncodedImages, prototypes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores ``[B]`` and zero-shot grid maps ``[B, h, w]`` (float32)."""
         s_img = class_scores(enc.image.float(), prototypes, self.temperature)  # [B]
         scale_maps = []
         for k in self.scales:
             s_win = class_scores(enc.windows[k].float(), prototypes, self.temperature)  # [B, W]
-            scale_maps.append(harmonic_aggregation(s_win, self.encoder.grid_size, self.encoder.aggregation_index[k]))
+            scale_maps.append(
+                harmonic_aggregation(s_win, self.encoder.grid_size, self.encoder.aggregation_index[k])
+            )
         return s_img, fuse_zero_shot(s_img, scale_maps)
 
     def few_shot_map(self, enc: EncodedImages, references: ReferenceSet) -> torch.Tensor:
@@ -213,7 +232,9 @@ class WinClipDetector(Detector):
         t0 = time.perf_counter()
         prototypes = self.text_prototypes(object_name, product)
         t1 = time.perf_counter()
-        pixels = preprocess(list(images), self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device)
+        pixels = preprocess(
+            list(images), self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device
+        )
         t2 = time.perf_counter()
         enc = self.encoder.encode(pixels)
         t3 = time.perf_counter()
@@ -228,7 +249,13 @@ class WinClipDetector(Detector):
             m = upsample_map(grid[i].float(), (img.shape[0], img.shape[1])).clamp_(0.0, 1.0)
             maps.append(m.cpu().numpy().astype(np.float32, copy=False))
         t5 = time.perf_counter()
-        timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2, "score": t4 - t3, "upsample": t5 - t4}
+        timings = {
+            "text": t1 - t0,
+            "preprocess": t2 - t1,
+            "encode": t3 - t2,
+            "score": t4 - t3,
+            "upsample": t5 - t4,
+        }
         digest = self.prompt_digest(object_name, product)
         results = []
         for i, m in enumerate(maps):
@@ -244,13 +271,22 @@ class WinClipDetector(Detector):
                     used_references=references is not None,
                     random_weights=self.random_weights,
                     timings=dict(timings),
-                    details={"precision": self.precision, "backend": self.tower_label, "batch_size": len(images)},
+                    details={
+                        "precision": self.precision,
+                        "backend": self.tower_label,
+                        "batch_size": len(images),
+                    },
                 )
             )
         return results
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "precision": self.precision, "backend": self.tower_label, "scales": list(self.scales)}
+        return {
+            **super().describe(),
+            "precision": self.precision,
+            "backend": self.tower_label,
+            "scales": list(self.scales),
+        }
 
 
 WEIGHTS_NAME = "openclip-vit-b-16-plus-240-laion400m_e31"

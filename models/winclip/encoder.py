@@ -92,7 +92,9 @@ class WinClipEncoder:
         scales: window sizes in patches.
     """
 
-    def __init__(self, *, visual: nn.Module, scales: Sequence[int] = (2, 3), tower: TowerFn | None = None) -> None:
+    def __init__(
+        self, *, visual: nn.Module, scales: Sequence[int] = (2, 3), tower: TowerFn | None = None
+    ) -> None:
         self.visual = visual
         self.tower: TowerFn = tower if tower is not None else VisualTower(visual)
         gs = visual.grid_size
@@ -102,7 +104,9 @@ class WinClipEncoder:
         self.masks = {k: make_masks(self.grid_size, k) for k in self.scales}  # k -> [W, k*k]
         cls = torch.zeros(1, dtype=torch.long)
         # token positions kept per window: CLS (0) then the window's patches (+1 for CLS)
-        self.sequence_index = {k: torch.cat([cls.expand(m.shape[0], 1), m + 1], dim=1) for k, m in self.masks.items()}
+        self.sequence_index = {
+            k: torch.cat([cls.expand(m.shape[0], 1), m + 1], dim=1) for k, m in self.masks.items()
+        }
         self.aggregation_index = {k: patch_window_index(m, self.n_patches) for k, m in self.masks.items()}
 
     def with_tower(self, tower: TowerFn) -> WinClipEncoder:

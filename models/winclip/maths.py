@@ -84,7 +84,9 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-2, -1)
 
 
-def class_scores(embeddings: torch.Tensor, text_prototypes: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+def class_scores(
+    embeddings: torch.Tensor, text_prototypes: torch.Tensor, temperature: float = TEMPERATURE
+) -> torch.Tensor:
     """Anomaly probability of each embedding.
 
     ``s(f) = softmax([cos(f, T_n), cos(f, T_a)] / temperature)[1]``.

@@ -1,0 +1,155 @@
+"""WinCLIP detector on the tiny random-init model: batched paths vs plain loops, API contract."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models import RANDOM_INIT, ImageError, ReferenceMismatchError, ReferenceSet
+from models.clip_backbone import encode_text_trimmed
+from prompts import get_builtin_product
+
+
+@pytest.fixture(scope="module")
+def det() -> models.Detector:
+    torch.manual_seed(1234)
+    return models.load_tiny_detector("winclip")
+
+
+def _images(n: int, seed: int = 0, shape: tuple[int, int] = (96, 128)) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_batched_windows_equal_per_window_loop(det) -> None:
+    """Given a batch of 3 images, when all windows of a scale go through one pass,
+    then each embedding equals running that window alone (<= 1e-5)."""
+    from models.clip_backbone import preprocess
+
+    enc = det.encoder
+    pixels = preprocess(_images(3), det.backbone.image_size)
+    batched = enc.encode(pixels)
+    tokens = enc.embed_tokens(pixels)  # [B, 1+P, D]
+    for k in det.scales:
+        for w, patches in enumerate(enc.masks[k].tolist()):
+            keep = [0] + [p + 1 for p in patches]
+            pooled, _ = enc.tower(tokens[:, keep])  # one window at a time
+            diff = (pooled - batched.windows[k][:, w]).abs().max().item()
+            assert diff <= 1e-5, (k, w, diff)
+    full, patches = enc.tower(tokens)
+    assert torch.allclose(full, batched.image, atol=1e-6)
+    assert batched.patches.shape == (3, enc.n_patches, tokens.shape[-1])
+
+
+def test_trimmed_text_encoder_equals_open_clip_encode_text(det) -> None:
+    tokens = det.tokenizer(
+        ["a photo of a bottle.", "a photo of the flawless metal nut for visual inspection."]
+    )
+    ref = det.clip.encode_text(tokens)
+    assert (encode_text_trimmed(det.clip, tokens) - ref).abs().max().item() <= 1e-5
+
+
+def test_map_has_input_shape_and_unit_range(det) -> None:
+    img = _images(1, shape=(57, 203))[0]
+    res = det.predict(img, object_name="bottle")
+    assert res.anomaly_map.shape == (57, 203)
+    assert res.anomaly_map.dtype == np.float32
+    assert 0.0 <= float(res.anomaly_map.min()) <= float(res.anomaly_map.max()) <= 1.0
+    assert 0.0 <= res.score <= 1.0
+    assert res.random_weights is True and res.weights == RANDOM_INIT
+    assert not res.anomaly_map.flags.writeable
+
+
+def test_batch_equals_single_calls(det) -> None:
+    imgs = _images(4, seed=3)
+    batch = det.predict_batch(imgs, object_name="bottle")
+    for img, b in zip(imgs, batch, strict=True):
+        single = det.predict(img, object_name="bottle")
+        assert abs(single.score - b.score) <= 1e-5
+        assert np.abs(single.anomaly_map - b.anomaly_map).max() <= 1e-5
+
+
+def test_product_recipe_changes_prompt_digest(det) -> None:
+    bottle = get_builtin_product("bottle")
+    custom = bottle.model_copy(update={"extra_anomalous_states": ("cracked {}",)})
+    assert det.prompt_digest(product=bottle) == det.prompt_digest(object_name="bottle")
+    assert det.prompt_digest(product=custom) != det.prompt_digest(product=bottle)
+    assert det.prompt_digest(object_name="cable") != det.prompt_digest(object_name="bottle")
+
+
+def test_text_prototypes_computed_once_per_prompt_set(det) -> None:
+    before = det.counters().get("text_prototypes_computed", 0)
+    for _ in range(3):
+        det.text_prototypes(object_name="hazelnut")
+    det.text_prototypes(object_name="screw")
+    assert det.counters()["text_prototypes_computed"] - before == 2
+
+
+def test_references_roundtrip_and_few_shot(det) -> None:
+    normal = _images(2, seed=10)
+    refs = det.encode_references(normal, object_name="bottle")
+    assert refs.count == 2 and refs.model_key == det.model_key
+    restored = ReferenceSet.from_bytes(refs.to_bytes())
+    img = _images(1, seed=11)[0]
+    a = det.predict(img, object_name="bottle", references=refs)
+    b = det.predict(img, object_name="bottle", references=restored)
+    zero = det.predict(img, object_name="bottle")
+    assert a.used_references and not zero.used_references
+    assert a.score == pytest.approx(b.score, abs=1e-7)
+    assert np.array_equal(a.anomaly_map, b.anomaly_map)
+    assert abs(a.score - zero.score) > 1e-6  # the references changed the result
+    # a reference image scored against its own memory: the few-shot part is ~0
+    self_res = det.predict(normal[0], object_name="bottle", references=refs)
+    assert self_res.score < det.predict(normal[0], object_name="bottle").score
+
+
+def test_references_from_another_model_are_refused(det) -> None:
+    refs = det.encode_references(_images(1), object_name="bottle")
+    foreign = ReferenceSet(
+        method="winclip", model_key="winclip/other/x", image_hashes=refs.image_hashes, arrays=refs.arrays
+    )
+    with pytest.raises(ReferenceMismatchError):
+        det.predict(_images(1)[0], references=foreign)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32), "img"],
+)
+def test_bad_images_raise_image_error(det, bad) -> None:
+    with pytest.raises(ImageError):
+        det.predict(bad)
+
+
+def test_concurrent_predict_from_threads_is_consistent(det) -> None:
+    imgs = _images(4, seed=20)
+    expected = [det.predict(i, object_name="pill").score for i in imgs]
+    got: dict[int, float] = {}
+
+    def work(i: int) -> None:
+        got[i] = det.predict(imgs[i], object_name="pill").score
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(4)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_precision_is_rejected() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        models.load_tiny_detector("winclip", precision="int3")
+
+
+def test_bf16_tower_close_to_fp32(det) -> None:
+    torch.manual_seed(1234)
+    low = models.load_tiny_detector("winclip", precision="bf16")
+    img = _images(1, seed=5)[0]
+    a = det.predict(img, object_name="bottle").anomaly_map
+    b = low.predict(img, object_name="bottle").anomaly_map
+    assert np.abs(a - b).max() < 5e-2
