@@ -1,0 +1,215 @@
+"""``anomaly-inspect``: the command line of the inspection service.
+
+Subcommands:
+    serve               run the HTTP service (uvicorn, app factory ``service.app:create_app``)
+    inspect IMAGE...    inspect image files; print scores as JSON lines, write PNG overlays
+    weights ...         list / fetch / verify checkpoint files (see ``anomaly-inspect weights -h``)
+    train-anomalyclip   train AnomalyCLIP prompts on an auxiliary dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_LABEL = "DEMO: tiny random-init model, not a real inspection result"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.demo:
+        os.environ["ZSI_DEMO"] = "true"
+    if args.methods:
+        os.environ["ZSI_METHODS"] = args.methods
+    if args.weights_dir:
+        os.environ["ZSI_WEIGHTS_DIR"] = str(args.weights_dir)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _read_image(path: Path) -> Any:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise SystemExit(f"error: {path}: not a readable image ({exc})") from exc
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise SystemExit(f"error: {p}: no such file or directory")
+    return out
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from models.postprocess import anomaly_map_png, boxes_above, overlay_png
+
+    import models
+    from prompts import ProductRecipe, builtin_products
+
+    product: ProductRecipe | None = None
+    if args.product:
+        try:
+            product = builtin_products()[args.product]
+        except KeyError:
+            print(
+                f"error: unknown product {args.product!r}; known: {', '.join(sorted(builtin_products()))}",
+                file=sys.stderr,
+            )
+            return 2
+    method = args.method or (product.default_method if product else "winclip")
+    threshold = args.threshold if args.threshold is not None else (product.threshold if product else 0.5)
+    try:
+        if args.demo:
+            det = models.load_tiny_detector(method, device=args.device, precision=args.precision)
+        elif args.weights:
+            det = models.load_detector(
+                method, weights=args.weights, device=args.device, precision=args.precision
+            )
+        else:
+            det = models.load_detector_from_dir(
+                method, args.weights_dir, device=args.device, precision=args.precision
+            )
+    except models.WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    references = None
+    if args.references:
+        refs = [_read_image(p) for p in _expand(args.references)]
+        if not refs:
+            print("error: --references holds no image", file=sys.stderr)
+            return 2
+        references = det.encode_references(refs, object_name=args.object_name, product=product)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = DEMO_LABEL if det.random_weights else None
+    for path in _expand(args.images):
+        image = _read_image(path)
+        res = det.predict(image, object_name=args.object_name, product=product, references=references)
+        overlay = out_dir / f"{path.stem}.overlay.png"
+        overlay.write_bytes(overlay_png(image, res.anomaly_map, res.score, threshold=threshold, label=label))
+        record: dict[str, Any] = {
+            "file": str(path),
+            "score": round(res.score, 6),
+            "decision": "anomalous" if res.score >= threshold else "normal",
+            "threshold": threshold,
+            "method": res.method,
+            "model": res.model,
+            "weights": res.weights,
+            "prompt_digest": res.prompt_digest,
+            "used_references": res.used_references,
+            "overlay": str(overlay),
+            "regions": [
+                b.as_dict() if hasattr(b, "as_dict") else b for b in boxes_above(res.anomaly_map, threshold)
+            ],
+        }
+        if args.save_map:
+            map_path = out_dir / f"{path.stem}.map.png"
+            map_path.write_bytes(anomaly_map_png(res.anomaly_map))
+            record["map"] = str(map_path)
+        if det.random_weights:
+            record["demo"] = True
+            record["warning"] = DEMO_LABEL
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+def _weights(argv: list[str]) -> int:
+    from service.fetch import main as fetch_main
+
+    return int(fetch_main(argv) or 0)
+
+
+def _train_anomalyclip(argv: list[str]) -> int:
+    from models.anomalyclip.train import main as train_main
+
+    return int(train_main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomaly-inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP service")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in containers)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (each loads its own models)"
+    )
+    s.add_argument("--methods", help="comma list of methods to load (sets ZSI_METHODS)")
+    s.add_argument("--weights-dir", type=Path, help="weights directory (sets ZSI_WEIGHTS_DIR)")
+    s.add_argument(
+        "--demo", action="store_true", help="tiny random-init models, every response labelled demo"
+    )
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
+
+    i = sub.add_parser("inspect", help="inspect image files")
+    i.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    i.add_argument(
+        "--method",
+        choices=["winclip", "anomalyclip", "saa_plus"],
+        help="default: the product's, else winclip",
+    )
+    i.add_argument("--product", help="built-in product id (e.g. bottle, pcb1)")
+    i.add_argument("--object-name", help="object name for the prompts (overrides the product's)")
+    i.add_argument(
+        "--references", nargs="+", type=Path, help="golden (normal) images or a folder: WinCLIP+ few-shot"
+    )
+    i.add_argument("--threshold", type=float, help="decision threshold (default: the product's, else 0.5)")
+    i.add_argument("--weights", type=Path, help="a checkpoint file (default: look in --weights-dir)")
+    i.add_argument("--weights-dir", type=Path, default=Path(os.environ.get("ZSI_WEIGHTS_DIR", "weights")))
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    i.add_argument("--demo", action="store_true", help="tiny random-init model (output labelled DEMO)")
+    i.add_argument("--out", default="out", help="folder for overlays (default ./out)")
+    i.add_argument("--save-map", action="store_true", help="also write the 8-bit anomaly map PNG")
+    i.set_defaults(func=_inspect)
+
+    sub.add_parser(
+        "weights", help="list / fetch / verify checkpoints (anomaly-inspect weights -h)", add_help=False
+    )
+    sub.add_parser(
+        "train-anomalyclip",
+        help="train AnomalyCLIP prompts (anomaly-inspect train-anomalyclip -h)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "weights":
+        return _weights(argv[1:])
+    if argv and argv[0] == "train-anomalyclip":
+        return _train_anomalyclip(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
