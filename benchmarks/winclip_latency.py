@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             sec = next(r[2] for r in rows if r[0] == p and r[1] == b)
             diff = max(
                 float(np.abs(a.anomaly_map - c.anomaly_map).max())
-                for a, c in zip(maps[("fp32", b)], maps[(p, b)])
+                for a, c in zip(maps[("fp32", b)], maps[(p, b)], strict=True)
             )
-            sdiff = max(abs(a.score - c.score) for a, c in zip(maps[("fp32", b)], maps[(p, b)]))
+            sdiff = max(abs(a.score - c.score) for a, c in zip(maps[("fp32", b)], maps[(p, b)], strict=True))
             print(
                 f"{p} vs fp32, batch {b}: time ratio {sec / base[b]:.3f}, max |map diff| {diff:.2e}, max |score diff| {sdiff:.2e}"
             )
