@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.winclip.maths import make_masks, patch_window_index
@@ -53,10 +54,72 @@ class VisualTower(nn.Module):
         return pooled, x[:, 1:]
 
 
-class LowPrecisionTower(nn.Module):
-    """A copy of a :class:`VisualTower` in bf16/fp16; takes and returns float32."""
+class PackedTower(nn.Module):
+    """The same computation as :class:`VisualTower` for several groups of sequences in ONE pass.
 
-    def __init__(self, tower: VisualTower, dtype: torch.dtype) -> None:
+    Token-wise layers (LayerNorms, QKV / output projections, MLP) run on the tokens
+    of all groups stacked into one ``[T, D]`` matrix — a few large GEMMs instead of
+    one set per group — and attention runs within each sequence. Used by WinCLIP to
+    put the full image and all windows of all scales of a batch through a single
+    pass. Shares its parameters with the wrapped model.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.base = VisualTower(visual)
+        for blk in self.base.transformer.resblocks:
+            attn = blk.attn
+            plain = (
+                isinstance(attn, nn.MultiheadAttention)
+                and attn._qkv_same_embed_dim
+                and attn.in_proj_bias is not None
+                and not hasattr(blk, "ln_attn")
+                and isinstance(getattr(blk.attn, "out_proj", None), nn.Linear)
+                and isinstance(blk.mlp, nn.Sequential)
+            )
+            if not plain:
+                raise ValueError("PackedTower supports plain open_clip ResidualAttentionBlocks only")
+        self.heads = self.base.transformer.resblocks[0].attn.num_heads
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ((pooled, tokens),) = self.forward_groups([x])
+        return pooled, tokens
+
+    def forward_groups(self, groups: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``groups[i]: [N_i, L_i, D]`` -> per group ``(pooled [N_i, E], tokens [N_i, L_i-1, D])``."""
+        shapes = [(g.shape[0], g.shape[1]) for g in groups]
+        d = groups[0].shape[-1]
+        hd = d // self.heads
+        x = torch.cat([g.reshape(-1, d) for g in groups])  # [T, D]
+        x = self.base.ln_pre(x)
+        for blk in self.base.transformer.resblocks:
+            attn = blk.attn
+            qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [T, 3D]
+            outs, start = [], 0
+            for n, length in shapes:
+                part = qkv[start : start + n * length].view(n, length, 3, self.heads, hd)
+                q, k, v = part.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [n, H, L, hd]
+                o = F.scaled_dot_product_attention(q, k, v)  # [n, H, L, hd]
+                outs.append(o.transpose(1, 2).reshape(n * length, d))
+                start += n * length
+            x = x + blk.ls_1(attn.out_proj(torch.cat(outs)))  # [T, D]
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        x = self.base.ln_post(x)
+        results, start = [], 0
+        for n, length in shapes:
+            seq = x[start : start + n * length].view(n, length, d)
+            pooled = seq[:, 0]
+            if self.base.proj is not None:
+                pooled = pooled @ self.base.proj  # [n, E]
+            results.append((pooled, seq[:, 1:]))
+            start += n * length
+        return results
+
+
+class LowPrecisionTower(nn.Module):
+    """A copy of a visual tower in bf16/fp16; takes and returns float32."""
+
+    def __init__(self, tower: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.inner = copy.deepcopy(tower).to(dtype)
         self.dtype = dtype
@@ -64,6 +127,13 @@ class LowPrecisionTower(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, tokens = self.inner(x.to(self.dtype))
         return pooled.float(), tokens.float()
+
+    def forward_groups(self, groups: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not hasattr(self.inner, "forward_groups"):
+            return [self.forward(g) for g in groups]
+        return [
+            (p.float(), t.float()) for p, t in self.inner.forward_groups([g.to(self.dtype) for g in groups])
+        ]
 
 
 @dataclass(frozen=True)
@@ -88,7 +158,8 @@ class WinClipEncoder:
         visual: the open_clip ``VisionTransformer`` (patch embedding, CLS, positions).
         tower: callable ``x [N, L, D] -> (pooled [N, E], tokens [N, L-1, D])``; by
             default a :class:`VisualTower` on ``visual`` (an ONNX session or a
-            low-precision copy can be passed instead).
+            low-precision copy can be passed instead). A tower with a
+            ``forward_groups`` method gets the full image and all windows in one call.
         scales: window sizes in patches.
     """
 
@@ -131,12 +202,19 @@ class WinClipEncoder:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> EncodedImages:
-        """One full-image pass and one pass per scale (all windows, all images)."""
+        """Full images and all windows of all scales of the batch.
+
+        With a packed tower this is ONE forward pass; otherwise one pass for the full
+        images and one per scale (each holding all windows of all images).
+        """
         tokens = self.embed_tokens(pixels)  # [B, 1+P, D]
         b = tokens.shape[0]
-        image, patches = self.tower(tokens)  # [B, E], [B, P, D]
-        windows = {}
-        for k in self.scales:
-            pooled, _ = self.tower(self.window_sequences(tokens, k))  # [B*W, E]
-            windows[k] = pooled.reshape(b, -1, pooled.shape[-1])  # [B, W, E]
+        groups = [tokens] + [self.window_sequences(tokens, k) for k in self.scales]
+        forward_groups = getattr(self.tower, "forward_groups", None)
+        outs = forward_groups(groups) if forward_groups is not None else [self.tower(g) for g in groups]
+        image, patches = outs[0]  # [B, E], [B, P, D]
+        windows = {
+            k: pooled.reshape(b, -1, pooled.shape[-1])
+            for k, (pooled, _) in zip(self.scales, outs[1:], strict=True)
+        }
         return EncodedImages(image=image, patches=patches, windows=windows)

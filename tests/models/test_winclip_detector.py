@@ -29,20 +29,39 @@ def test_batched_windows_equal_per_window_loop(det) -> None:
     """Given a batch of 3 images, when all windows of a scale go through one pass,
     then each embedding equals running that window alone (<= 1e-5)."""
     from models.clip_backbone import preprocess
+    from models.winclip.encoder import VisualTower
 
     enc = det.encoder
+    plain = VisualTower(det.clip.visual)  # open_clip's own modules, one sequence set at a time
     pixels = preprocess(_images(3), det.backbone.image_size)
     batched = enc.encode(pixels)
     tokens = enc.embed_tokens(pixels)  # [B, 1+P, D]
     for k in det.scales:
         for w, patches in enumerate(enc.masks[k].tolist()):
             keep = [0] + [p + 1 for p in patches]
-            pooled, _ = enc.tower(tokens[:, keep])  # one window at a time
+            pooled, _ = plain(tokens[:, keep])  # one window at a time
             diff = (pooled - batched.windows[k][:, w]).abs().max().item()
             assert diff <= 1e-5, (k, w, diff)
-    full, patches = enc.tower(tokens)
+    full, patches = plain(tokens)
     assert torch.allclose(full, batched.image, atol=1e-6)
     assert batched.patches.shape == (3, enc.n_patches, tokens.shape[-1])
+
+
+def test_packed_tower_equals_open_clip_modules(det) -> None:
+    """Given the full image and all windows, when they go through ONE packed pass,
+    then every output equals the plain open_clip tower run per group (<= 1e-5)."""
+    from models.clip_backbone import preprocess
+    from models.winclip.encoder import PackedTower, VisualTower
+
+    enc = det.encoder
+    tokens = enc.embed_tokens(preprocess(_images(2, seed=4), det.backbone.image_size))
+    groups = [tokens] + [enc.window_sequences(tokens, k) for k in det.scales]
+    packed = PackedTower(det.clip.visual).forward_groups(groups)
+    plain = VisualTower(det.clip.visual)
+    for g, (p_pooled, p_tokens) in zip(groups, packed, strict=True):
+        pooled, toks = plain(g)
+        assert (pooled - p_pooled).abs().max().item() <= 1e-5
+        assert (toks - p_tokens).abs().max().item() <= 1e-5
 
 
 def test_trimmed_text_encoder_equals_open_clip_encode_text(det) -> None:
