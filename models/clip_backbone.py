@@ -196,7 +196,7 @@ def text_tower_context_trim(tokens: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """``model.encode_text`` (unnormalised) computed only up to the last EOT token.
 
     The text transformer is causal, so outputs at or before EOT do not depend on

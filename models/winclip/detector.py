@@ -77,7 +77,7 @@ class WinClipDetector(Detector):
         if precision == "fp16" and not str(device).startswith("cuda"):
             raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
         self.backbone = backbone
-        self.clip = backbone.model
+        self.clip: Any = backbone.model
         self.model_name = backbone.model_name
         self.weights_tag = backbone.weights_tag
         self.random_weights = backbone.random_weights
@@ -244,10 +244,10 @@ class WinClipDetector(Detector):
             grid = (grid + fs) / 2
             scores = (scores + fs.flatten(1).amax(dim=1)) / 2
         t4 = time.perf_counter()
-        maps = []
+        maps: list[np.ndarray] = []
         for i, img in enumerate(images):
-            m = upsample_map(grid[i].float(), (img.shape[0], img.shape[1])).clamp_(0.0, 1.0)
-            maps.append(m.cpu().numpy().astype(np.float32, copy=False))
+            up = upsample_map(grid[i].float(), (img.shape[0], img.shape[1])).clamp_(0.0, 1.0)
+            maps.append(up.cpu().numpy().astype(np.float32, copy=False))
         t5 = time.perf_counter()
         timings = {
             "text": t1 - t0,

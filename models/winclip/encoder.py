@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,12 @@ class VisualTower(nn.Module):
     Shares its parameters with the open_clip model it wraps.
     """
 
-    def __init__(self, visual: nn.Module) -> None:
+    ln_pre: Any
+    transformer: Any
+    ln_post: Any
+    proj: Any
+
+    def __init__(self, visual: Any) -> None:
         super().__init__()
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
             raise ValueError("WinCLIP needs a ViT with CLS pooling after ln_post (no attention pooling)")
@@ -64,7 +70,7 @@ class PackedTower(nn.Module):
     pass. Shares its parameters with the wrapped model.
     """
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: Any) -> None:
         super().__init__()
         self.base = VisualTower(visual)
         for blk in self.base.transformer.resblocks:
@@ -121,7 +127,7 @@ class LowPrecisionTower(nn.Module):
 
     def __init__(self, tower: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.inner = copy.deepcopy(tower).to(dtype)
+        self.inner: Any = copy.deepcopy(tower).to(dtype)
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +169,7 @@ class WinClipEncoder:
         scales: window sizes in patches.
     """
 
-    def __init__(
-        self, *, visual: nn.Module, scales: Sequence[int] = (2, 3), tower: TowerFn | None = None
-    ) -> None:
+    def __init__(self, *, visual: Any, scales: Sequence[int] = (2, 3), tower: TowerFn | None = None) -> None:
         self.visual = visual
         self.tower: TowerFn = tower if tower is not None else VisualTower(visual)
         gs = visual.grid_size
