@@ -64,6 +64,44 @@ def test_packed_tower_equals_open_clip_modules(det) -> None:
         assert (toks - p_tokens).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("options", "tol"),
+    [
+        ({"prepack": False}, 1e-5),  # plain F.linear path
+        ({"prepack": True}, 1e-5),  # oneDNN prepacked weights (where available)
+        ({"fuse_gelu": True, "explicit_attention": True}, 1e-5),
+        ({"dtype": torch.bfloat16}, 0.15),  # low precision: close, not equal
+    ],
+)
+def test_packed_tower_variants_match_open_clip(det, options, tol) -> None:
+    from models.clip_backbone import preprocess
+    from models.winclip.encoder import PackedTower, VisualTower, onednn_linear_available
+
+    if options.get("prepack") and not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    tokens = det.encoder.embed_tokens(preprocess(_images(1, seed=8), det.backbone.image_size))
+    windows = det.encoder.window_sequences(tokens, 2)
+    (full, _), (win, _) = PackedTower(det.clip.visual, **options).forward_groups([tokens, windows])
+    plain = VisualTower(det.clip.visual)
+    assert full.dtype == torch.float32
+    assert (full - plain(tokens)[0]).abs().max().item() <= tol
+    assert (win - plain(windows)[0]).abs().max().item() <= tol
+
+
+def test_sub_batches_give_the_same_embeddings(det) -> None:
+    from models.clip_backbone import preprocess
+
+    pixels = preprocess(_images(3, seed=6), det.backbone.image_size)
+    whole = det.encoder.with_tower(det.encoder.tower)
+    whole.max_tokens_per_pass = None
+    split = det.encoder.with_tower(det.encoder.tower)
+    split.max_tokens_per_pass = split.tokens_per_image  # one image per pass
+    a, b = whole.encode(pixels), split.encode(pixels)
+    assert torch.allclose(a.image, b.image, atol=1e-5) and torch.allclose(a.patches, b.patches, atol=1e-5)
+    for k in det.scales:
+        assert torch.allclose(a.windows[k], b.windows[k], atol=1e-5)
+
+
 def test_trimmed_text_encoder_equals_open_clip_encode_text(det) -> None:
     tokens = det.tokenizer(
         ["a photo of a bottle.", "a photo of the flawless metal nut for visual inspection."]
