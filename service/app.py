@@ -1,0 +1,314 @@
+"""``create_app(settings)``: the FastAPI app factory (``uvicorn service.app:create_app --factory``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.base import ArrayCache, Detector, WeightsError
+from service.cache import ArrayCacheAdapter, BlobCache, FileStore, LocalCache, RedisCache, ResilientCache
+from service.deps import DetectorFactory, LoadedMethod, Services
+from service.errors import ApiError, error_body, install_error_handlers
+from service.metrics import Metrics
+from service.products import ProductStore
+from service.queue import InferenceQueue
+from service.references import ReferenceStore
+from service.routers import health, inspect, metrics, products, references, system
+from service.schemas import DEMO_WARNING
+from service.settings import Settings, resolve_device
+
+log = logging.getLogger("service")
+
+API_DESCRIPTION = """
+Zero-shot industrial anomaly inspection (WinCLIP / WinCLIP+, and the other methods
+listed in ZSI_METHODS). Post one camera image to **POST /inspect** with a product id;
+register golden (normal) images with **POST /products/{id}/references** to switch that
+product to few-shot. Errors are always `{"error": {"code", "message", ...}}`.
+"""
+
+
+def default_detector_factory(method: str, *, settings: Settings, device: str, cache: ArrayCache) -> Detector:
+    """Demo: the tiny random-init model; otherwise the real one from ``settings.weights_dir``."""
+    import models
+
+    if settings.demo:
+        return models.load_tiny_detector(method, device=device, cache=cache)
+    return models.load_detector_from_dir(
+        method,
+        settings.weights_dir,
+        device=device,
+        cache=cache,
+        precision=settings.precision,
+        tower_backend=settings.backend,
+    )
+
+
+def _weights_failure(method: str, settings: Settings, exc: Exception) -> dict[str, Any]:
+    from models import method_spec
+    from models.weights import fetch_hint, missing_weights
+
+    info: dict[str, Any] = {"method": method, "error": "weights_missing", "message": str(exc)}
+    try:
+        needed = method_spec(method).required_weights(
+            precision=settings.precision, tower_backend=settings.backend
+        )
+        missing = missing_weights(needed, settings.weights_dir)
+        info["missing"] = missing
+        info["weights_dir"] = str(settings.weights_dir)
+        if missing:
+            info["fetch"] = fetch_hint(missing, settings.weights_dir)
+    except Exception:  # the message alone still says what to do
+        log.debug("could not list missing weights for %s", method, exc_info=True)
+    return info
+
+
+def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, BlobCache]:
+    """(cache for prototypes, durable store for products and references)."""
+    local = LocalCache(max_bytes=settings.local_cache_mb * 1024 * 1024)
+    if settings.redis_url:
+        redis = RedisCache(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        metrics.cache_backend_up.set(1)
+
+        def on_state(up: bool) -> None:
+            metrics.cache_backend_up.set(1 if up else 0)
+
+        shared = ResilientCache(redis, local, retry_s=settings.redis_retry_s, on_state=on_state)
+        return shared, shared
+    metrics.cache_backend_up.set(0)
+    return local, FileStore(Path(settings.data_dir) / "store")
+
+
+async def _load_models(app: FastAPI) -> None:
+    services: Services = app.state.services
+    settings = services.settings
+    try:
+        services.device = await asyncio.to_thread(resolve_device, settings.device)
+        for method in settings.methods:
+            t0 = time.perf_counter()
+            try:
+                det = await asyncio.to_thread(
+                    services.detector_factory,
+                    method,
+                    settings=settings,
+                    device=services.device,
+                    cache=services.array_cache,
+                )
+            except WeightsError as exc:
+                services.failures[method] = _weights_failure(method, settings, exc)
+                log.error("method %s not loaded: %s", method, exc)
+                continue
+            except Exception as exc:
+                services.failures[method] = {
+                    "method": method,
+                    "error": "load_failed",
+                    "message": f"{type(exc).__name__}: {exc}",
+                }
+                log.exception("method %s failed to load", method)
+                continue
+            finally:
+                services.loading.discard(method)
+            if settings.demo and not det.random_weights:
+                log.warning("ZSI_DEMO is set but %s reports real weights", method)
+            q = InferenceQueue(
+                det,
+                method=method,
+                max_batch=settings.max_batch,
+                max_wait_s=settings.max_wait_ms / 1000.0,
+                max_size=settings.queue_size,
+                metrics=services.metrics,
+            )
+            q.start()
+            services.methods[method] = LoadedMethod(method, det, q, time.perf_counter() - t0)
+            services.metrics.models_loaded.labels(method=method).set(1)
+            log.info("method %s loaded in %.1fs (%s)", method, time.perf_counter() - t0, det.describe())
+    finally:
+        assert services.loaded is not None
+        services.loaded.set()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    services: Services = app.state.services
+    services.loaded = asyncio.Event()
+    services.loading = set(services.settings.methods)
+    if services.settings.demo:
+        log.warning(DEMO_WARNING)
+    loader = asyncio.create_task(_load_models(app), name="load-models")
+    try:
+        yield
+    finally:
+        if not loader.done():
+            loader.cancel()
+        for lm in list(services.methods.values()):
+            await lm.queue.close()
+        services.cache.close()
+        if services.store is not services.cache:
+            services.store.close()
+
+
+class ServiceMiddleware:
+    """Pure ASGI: body-size cap, per-route request metrics, demo labels on every JSON answer."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    def _limit(self, path: str) -> int:
+        s = self.services.settings
+        slack = 1024 * 1024  # multipart framing and form fields
+        if path.rstrip("/").endswith("/references"):
+            return s.max_image_bytes * s.max_reference_images + slack
+        return s.max_image_bytes + slack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit(scope.get("path", ""))
+        demo = self.services.demo and scope.get("path") != "/openapi.json"
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def reply(status: int, body: dict[str, Any]) -> None:
+            payload = json.dumps(body).encode()
+            status_holder["status"] = status
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(payload)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": payload})
+
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await reply(
+                413,
+                error_body(
+                    "payload_too_large",
+                    f"the request body is larger than the limit of {limit} bytes",
+                    max_bytes=limit,
+                ),
+            )
+            self._observe(scope, status_holder["status"], started)
+            return
+
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise ApiError(
+                        413,
+                        "payload_too_large",
+                        f"the request body is larger than the limit of {limit} bytes",
+                        max_bytes=limit,
+                    )
+            return message
+
+        start_message: dict[str, Any] = {}
+        body_parts: list[bytes] = []
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                hdrs = dict(message.get("headers") or [])
+                if demo and hdrs.get(b"content-type", b"").startswith(b"application/json"):
+                    start_message.update(message)
+                    return
+                await send(message)
+                return
+            if message["type"] == "http.response.body" and start_message:
+                body_parts.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = b"".join(body_parts)
+                try:
+                    doc = json.loads(body)
+                    if isinstance(doc, dict):
+                        doc["demo"] = True
+                        doc["warning"] = DEMO_WARNING
+                        body = json.dumps(doc).encode()
+                except ValueError:
+                    pass
+                hdrs = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
+                hdrs.append((b"content-length", str(len(body)).encode()))
+                await send({**start_message, "headers": hdrs})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tagging_send)
+        finally:
+            self._observe(scope, status_holder["status"], started)
+
+    def _observe(self, scope: Scope, status: int, started: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None) or "unmatched"
+        self.services.metrics.requests.labels(route=label, status=str(status)).inc()
+        self.services.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
+
+
+def create_app(
+    settings: Settings | None = None, *, detector_factory: DetectorFactory | None = None
+) -> FastAPI:
+    """Build the app. Nothing connects or loads here: models load in the lifespan hook.
+
+    Args:
+        settings: defaults to ``Settings()`` read from the ``ZSI_*`` environment.
+        detector_factory: ``factory(method, settings=, device=, cache=) -> Detector`` (tests inject
+            their own; default :func:`default_detector_factory`).
+    """
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO)
+    metrics_ = Metrics()
+    cache, store = _build_stores(settings, metrics_)
+    array_cache = ArrayCacheAdapter(
+        cache,
+        prefix=f"{settings.key_prefix}arr:",
+        ttl_s=settings.cache_ttl_s or None,
+        on_lookup=lambda hit: metrics_.cache_lookup("text_prototypes", hit),
+    )
+    services = Services(
+        settings=settings,
+        metrics=metrics_,
+        cache=cache,
+        store=store,
+        array_cache=array_cache,
+        products=ProductStore(store, prefix=settings.key_prefix),
+        references=ReferenceStore(store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s),
+        detector_factory=detector_factory or default_detector_factory,
+    )
+    title = "Zero-shot anomaly inspection" + (" (DEMO: random-init models)" if settings.demo else "")
+    app = FastAPI(title=title, version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.services = services
+    install_error_handlers(app)
+    for r in (
+        health.router,
+        inspect.router,
+        products.router,
+        references.router,
+        system.router,
+        metrics.router,
+    ):
+        app.include_router(r)
+    app.add_middleware(ServiceMiddleware, services=services)
+    return app

@@ -1,0 +1,128 @@
+"""Golden (normal) reference images per product: encoded once, stored, shared.
+
+Per product, a small JSON index lists one reference set per model key
+(``method/model/weights``): the image hashes and the key of the stored
+:class:`models.base.ReferenceSet` blob. The blob key is a content hash of model key,
+product id and the ordered image hashes, so a second process (or a repeated upload)
+finds the features already stored and encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from models.base import Detector, ReferenceSet, image_hash
+from models.serialization import SerializationError
+from service.cache import BlobCache
+
+log = logging.getLogger("service.references")
+
+
+class ReferenceStore:
+    def __init__(self, store: BlobCache, *, prefix: str = "zsi:", ttl_s: float | None = None) -> None:
+        self.store = store
+        self.index_prefix = f"{prefix}refs:"
+        self.blob_prefix = f"{prefix}refset:"
+        self.ttl_s = ttl_s or None
+        self._decoded: OrderedDict[str, ReferenceSet] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def blob_key(self, model_key: str, product_id: str, hashes: Sequence[str]) -> str:
+        payload = json.dumps([model_key, product_id, list(hashes)])
+        return self.blob_prefix + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    # ------------------------------------------------------------------ index
+    def index(self, product_id: str) -> dict[str, dict[str, Any]]:
+        blob = self.store.get(self.index_prefix + product_id)
+        if blob is None:
+            return {}
+        try:
+            doc = json.loads(blob)
+            sets = doc["sets"]
+            return sets if isinstance(sets, dict) else {}
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a corrupt reference index for %s", product_id)
+            return {}
+
+    def _write_index(self, product_id: str, sets: dict[str, dict[str, Any]]) -> None:
+        key = self.index_prefix + product_id
+        if sets:
+            self.store.set(key, json.dumps({"sets": sets}).encode(), self.ttl_s)
+        else:
+            self.store.delete(key)
+
+    # ---------------------------------------------------------------- writing
+    def has_blob(self, key: str) -> bool:
+        return self.store.get(key) is not None
+
+    def save(self, product_id: str, detector: Detector, refs: ReferenceSet) -> str:
+        key = self.blob_key(refs.model_key, product_id, refs.image_hashes)
+        self.store.set(key, refs.to_bytes(), self.ttl_s)
+        self._remember(key, refs)
+        return key
+
+    def set_index_entry(self, product_id: str, detector: Detector, hashes: Sequence[str], key: str) -> None:
+        sets = self.index(product_id)
+        sets[detector.model_key] = {
+            "method": detector.method,
+            "model_key": detector.model_key,
+            "image_hashes": list(hashes),
+            "key": key,
+            "created_at": time.time(),
+        }
+        self._write_index(product_id, sets)
+
+    def clear(self, product_id: str, method: str | None = None) -> int:
+        """Drop the product's reference sets (of one method, or all); returns how many."""
+        sets = self.index(product_id)
+        dropped = [mk for mk, e in sets.items() if method is None or e.get("method") == method]
+        for mk in dropped:
+            entry = sets.pop(mk)
+            # The blob is content-addressed and may be shared by an identical upload elsewhere,
+            # but it belongs to this product id (the id is in the key): safe to delete.
+            self.store.delete(str(entry.get("key", "")))
+        self._write_index(product_id, sets)
+        return len(dropped)
+
+    # ---------------------------------------------------------------- reading
+    def _remember(self, key: str, refs: ReferenceSet) -> None:
+        with self._lock:
+            self._decoded[key] = refs
+            self._decoded.move_to_end(key)
+            while len(self._decoded) > 32:
+                self._decoded.popitem(last=False)
+
+    def lookup(self, product_id: str, detector: Detector) -> tuple[ReferenceSet | None, str | None]:
+        """The stored reference set of ``product_id`` for this detector's model, if any."""
+        entry = self.index(product_id).get(detector.model_key)
+        if not entry:
+            return None, None
+        key = str(entry.get("key", ""))
+        with self._lock:
+            cached = self._decoded.get(key)
+        if cached is not None:
+            return cached, key
+        blob = self.store.get(key)
+        if blob is None:
+            log.warning("reference features %s of %s are gone (expired?); using zero-shot", key, product_id)
+            return None, None
+        try:
+            refs = ReferenceSet.from_bytes(blob)
+        except (SerializationError, KeyError, ValueError):
+            log.warning("corrupt reference features %s of %s; using zero-shot", key, product_id)
+            return None, None
+        self._remember(key, refs)
+        return refs, key
+
+
+def hashes_of(images: Sequence[np.ndarray]) -> list[str]:
+    return [image_hash(img) for img in images]

@@ -1,0 +1,1 @@
+"""One router per file: health, inspect, products (+ references), system (/models), metrics."""

@@ -1,0 +1,70 @@
+"""Product recipes: built-ins from prompts/, plus created ones and overrides (shared store)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from prompts import ProductRecipe
+from service.deps import ApiKeyDep, ServicesDep
+from service.schemas import Deleted, ErrorBody, ProductIn, ProductList, ProductOut
+
+router = APIRouter(prefix="/products", tags=["products"], dependencies=[ApiKeyDep])
+
+ProductId = Annotated[
+    str, Path(description="Product id (lowercase letters, digits, '_', '-').", examples=["bottle"])
+]
+
+
+def product_out(recipe: ProductRecipe, source: str) -> ProductOut:
+    return ProductOut(**recipe.model_dump(), source=source)  # type: ignore[arg-type]
+
+
+@router.get("", response_model=ProductList, summary="All products (built-in, created, overridden)")
+async def list_products(services: ServicesDep) -> ProductList:
+    found = await run_in_threadpool(services.products.list)
+    return ProductList(products=[product_out(r, s) for r, s in found])
+
+
+@router.get(
+    "/{product_id}",
+    response_model=ProductOut,
+    summary="One product recipe",
+    responses={404: {"model": ErrorBody}},
+)
+async def get_product(product_id: ProductId, services: ServicesDep) -> ProductOut:
+    recipe, source = await run_in_threadpool(services.products.get, product_id)
+    return product_out(recipe, source)
+
+
+@router.put(
+    "/{product_id}",
+    response_model=ProductOut,
+    summary="Create a product, replace a created one, or override a built-in",
+    description="201 when created, 200 when replaced. A PUT on a built-in id stores an override "
+    "(the built-in file stays untouched; DELETE removes the override).",
+    responses={201: {"model": ProductOut}, 422: {"model": ErrorBody}},
+)
+async def put_product(
+    product_id: ProductId, body: ProductIn, response: Response, services: ServicesDep
+) -> ProductOut:
+    recipe, source, created = await run_in_threadpool(
+        services.products.put, product_id, body.model_dump(exclude_none=True)
+    )
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return product_out(recipe, source)
+
+
+@router.delete(
+    "/{product_id}",
+    response_model=Deleted,
+    summary="Delete a created product (and its golden images) or a built-in's override",
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "Plain built-in product"}},
+)
+async def delete_product(product_id: ProductId, services: ServicesDep) -> Deleted:
+    source = await run_in_threadpool(services.products.delete, product_id)
+    if source == "custom":
+        await run_in_threadpool(services.references.clear, product_id)
+    return Deleted(id=product_id, deleted=source)

@@ -1,0 +1,157 @@
+"""Golden (normal) images per product: encoded once into reference features, used by /inspect."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.deps import ApiKeyDep, ServicesDep
+from service.errors import ApiError
+from service.imaging import decode_image, media_type, too_large_bytes
+from service.references import hashes_of
+from service.schemas import ErrorBody, ReferencesCreated, ReferencesDeleted, ReferenceSetOut, ReferencesOut
+
+router = APIRouter(prefix="/products", tags=["golden images"], dependencies=[ApiKeyDep])
+
+ProductId = Annotated[str, Path(description="Product id.", examples=["bottle"])]
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more normal (defect-free) images of the product",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/{product_id}/references",
+    response_model=ReferencesCreated,
+    summary="Register golden (normal) images: the product switches to few-shot",
+    description="Multipart, one or more files (field `images`; any file field is taken). The images' "
+    "reference features are computed once for the method and stored; the upload REPLACES the "
+    "product's previous golden set for that method. An identical set already stored (by any "
+    "process sharing the store) is reused without model work (`computed: false`).",
+    responses={
+        400: {"model": ErrorBody},
+        404: {"model": ErrorBody},
+        413: {"model": ErrorBody},
+        415: {"model": ErrorBody},
+    },
+    openapi_extra=_UPLOAD_BODY,
+)
+async def add_references(
+    product_id: ProductId,
+    request: Request,
+    services: ServicesDep,
+    method: Annotated[str | None, Query(description="Method; default: the product's default method.")] = None,
+) -> ReferencesCreated:
+    settings = services.settings
+    recipe, _ = await run_in_threadpool(services.products.get, product_id)
+    loaded = services.loaded_method(method or recipe.default_method)
+    det = loaded.detector
+    if not det.supports_references:
+        raise ApiError(400, "references_not_supported", f"method {det.method!r} does not use golden images")
+    if media_type(request.headers.get("content-type")) != "multipart/form-data":
+        raise ApiError(
+            415, "unsupported_media_type", "upload golden images as multipart/form-data (field 'images')"
+        )
+    form = await request.form(max_files=settings.max_reference_images, max_fields=16)
+    try:
+        uploads = [(name, v) for name, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not uploads:
+            raise ApiError(422, "missing_image", "no image file in the upload (use field 'images')")
+        images = []
+        for i, (_, up) in enumerate(uploads):
+            if up.size is not None and up.size > settings.max_image_bytes:
+                raise too_large_bytes(settings.max_image_bytes)
+            data = await up.read()
+            images.append(
+                await run_in_threadpool(
+                    decode_image,
+                    data,
+                    max_pixels=settings.max_image_pixels,
+                    max_bytes=settings.max_image_bytes,
+                    name=f"image {i} ({up.filename or 'unnamed'})",
+                )
+            )
+    finally:
+        await form.close()
+    t0 = time.perf_counter()
+    hashes = hashes_of(images)
+    store = services.references
+    key = store.blob_key(det.model_key, product_id, hashes)
+    stored = await run_in_threadpool(store.has_blob, key)
+    services.metrics.cache_lookup("references", stored)
+    if not stored:
+        refs = await loaded.queue.run_exclusive(det.encode_references, images, product=recipe)
+        services.metrics.references_encoded.labels(method=det.method).inc(len(images))
+        key = await run_in_threadpool(store.save, product_id, det, refs)
+        hashes = list(refs.image_hashes)
+    await run_in_threadpool(store.set_index_entry, product_id, det, hashes, key)
+    return ReferencesCreated(
+        product=product_id,
+        method=det.method,
+        model_key=det.model_key,
+        count=len(hashes),
+        image_hashes=hashes,
+        computed=not stored,
+        seconds=round(time.perf_counter() - t0, 4),
+    )
+
+
+@router.get(
+    "/{product_id}/references",
+    response_model=ReferencesOut,
+    summary="The product's golden image sets (count and hashes per method)",
+    responses={404: {"model": ErrorBody}},
+)
+async def list_references(product_id: ProductId, services: ServicesDep) -> ReferencesOut:
+    await run_in_threadpool(services.products.get, product_id)
+    index = await run_in_threadpool(services.references.index, product_id)
+    sets = []
+    for entry in index.values():
+        hashes = [str(h) for h in entry.get("image_hashes", [])]
+        stored = await run_in_threadpool(services.references.has_blob, str(entry.get("key", "")))
+        sets.append(
+            ReferenceSetOut(
+                method=str(entry.get("method", "")),
+                model_key=str(entry.get("model_key", "")),
+                count=len(hashes),
+                image_hashes=hashes,
+                stored=stored,
+            )
+        )
+    return ReferencesOut(product=product_id, sets=sets)
+
+
+@router.delete(
+    "/{product_id}/references",
+    response_model=ReferencesDeleted,
+    summary="Forget the product's golden images (back to zero-shot)",
+    responses={404: {"model": ErrorBody}},
+)
+async def delete_references(
+    product_id: ProductId,
+    services: ServicesDep,
+    method: Annotated[str | None, Query(description="Only this method's set; default: all.")] = None,
+) -> ReferencesDeleted:
+    await run_in_threadpool(services.products.get, product_id)
+    n = await run_in_threadpool(services.references.clear, product_id, method)
+    return ReferencesDeleted(product=product_id, deleted_sets=n)

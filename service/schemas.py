@@ -1,0 +1,158 @@
+"""Request and response bodies (one schema per direction), documented for /docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEMO_WARNING = "DEMO mode: tiny random-init models; scores are NOT real inspection results"
+
+
+class Tagged(BaseModel):
+    demo: bool = Field(False, description="True when the service runs random-init demo models.")
+    warning: str | None = Field(None, description="Set in demo mode: why the result is not real.")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: str = Field(description="Stable machine-readable code.", examples=["unknown_product"])
+    message: str = Field(description="What went wrong and what to do.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Region(BaseModel):
+    x0: int = Field(description="Left pixel column (inclusive).")
+    y0: int = Field(description="Top pixel row (inclusive).")
+    x1: int = Field(description="Right pixel column (inclusive).")
+    y1: int = Field(description="Bottom pixel row (inclusive).")
+    area: int = Field(description="Pixels of the region at or above the threshold.")
+    max_score: float = Field(description="Highest map value in the region.")
+    mean_score: float = Field(description="Mean map value over the region's pixels.")
+
+
+class AnomalyMapOut(BaseModel):
+    png_base64: str = Field(
+        description="8-bit grayscale PNG at the input resolution, base64; pixel = round(255 * map value)."
+    )
+    width: int
+    height: int
+    min: float = Field(description="Smallest map value (float, before 8-bit rounding).")
+    max: float = Field(description="Largest map value (float, before 8-bit rounding).")
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    sha256_16: str = Field(description="Content hash of the decoded pixels (16 hex chars).")
+
+
+class InspectResponse(Tagged):
+    score: float = Field(description="Image anomaly score in [0, 1].", examples=[0.73])
+    decision: Literal["anomalous", "normal"] = Field(description="'anomalous' when score >= threshold.")
+    threshold: float = Field(description="The product's decision threshold.")
+    product: str | None = Field(description="Product id, or null for the generic 'object' prompts.")
+    method: str = Field(examples=["winclip"])
+    model: str = Field(description="Architecture.", examples=["ViT-B-16-plus-240"])
+    weights: str = Field(description="Weights tag (or 'random-init').", examples=["laion400m_e31"])
+    prompt_digest: str = Field(description="Hash of the exact prompt set used.")
+    used_references: bool = Field(description="True when golden images (few-shot) took part.")
+    reference_count: int = Field(description="Number of golden images used.")
+    image: ImageInfo
+    anomaly_map: AnomalyMapOut
+    regions: list[Region] = Field(description="Connected regions of the map at or above the threshold.")
+    regions_truncated: bool = Field(description="True when more regions existed than listed.")
+    batch_size: int = Field(description="Images in the forward batch this request rode in.")
+    timings_ms: dict[str, float] = Field(
+        description="Milliseconds per stage: decode, references, queue_wait, inference (the whole "
+        "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total."
+    )
+    details: dict[str, Any] = Field(default_factory=dict, description="Method-specific extras.")
+
+
+class ProductIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    object_name: str = Field(description="Noun phrase used in prompts.", examples=["metal nut"])
+    extra_normal_states: list[str] = Field(default_factory=list, examples=[["clean {}"]])
+    extra_anomalous_states: list[str] = Field(default_factory=list, examples=[["cracked {}"]])
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous.")
+    default_method: str = Field("winclip", description="Method used when /inspect names none.")
+    dataset: str | None = Field(None, description="Free-form origin label.")
+    saa: dict[str, Any] | None = Field(None, description="SAA+ prompts (see METHODS.md section 3).")
+
+
+class ProductOut(Tagged):
+    id: str
+    object_name: str
+    dataset: str | None
+    extra_normal_states: list[str]
+    extra_anomalous_states: list[str]
+    threshold: float
+    default_method: str
+    saa: dict[str, Any] | None = None
+    source: Literal["builtin", "custom", "override"] = Field(
+        description="builtin (prompts/), custom (created through the API) or override (PUT on a built-in id)."
+    )
+
+
+class ProductList(Tagged):
+    products: list[ProductOut]
+
+
+class Deleted(Tagged):
+    id: str
+    deleted: str = Field(description="What was removed: 'custom' product or 'override'.")
+
+
+class ReferenceSetOut(BaseModel):
+    method: str
+    model_key: str = Field(description="method/model/weights that encoded the features.")
+    count: int
+    image_hashes: list[str]
+    stored: bool = Field(True, description="False when the stored features expired or are missing.")
+
+
+class ReferencesOut(Tagged):
+    product: str
+    sets: list[ReferenceSetOut]
+
+
+class ReferencesCreated(Tagged):
+    product: str
+    method: str
+    model_key: str
+    count: int
+    image_hashes: list[str]
+    computed: bool = Field(description="False when identical features were already stored (no model work).")
+    seconds: float
+
+
+class ReferencesDeleted(Tagged):
+    product: str
+    deleted_sets: int
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    method: str
+    state: Literal["loaded", "loading", "failed"]
+
+
+class ModelsOut(Tagged):
+    device: str | None
+    demo_mode: bool
+    cache: str = Field(description="Cache backend in use (e.g. redis+local, local).")
+    cache_backend_up: bool
+    methods: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(Tagged):
+    status: Literal["ready"] = "ready"
+    methods: dict[str, dict[str, Any]]

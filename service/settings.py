@@ -1,0 +1,80 @@
+"""Service settings: environment variables with the ``ZSI_`` prefix (pydantic-settings)."""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; read from ``ZSI_*`` environment variables (or a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(env_prefix="ZSI_", env_file=".env", extra="ignore")
+
+    weights_dir: Path = Field(Path("weights"), description="Directory with the checkpoint files.")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("ZSI_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="redis://host:port/db; unset = in-process LRU cache and ZSI_DATA_DIR files.",
+    )
+    key_prefix: str = Field("zsi:", description="Prefix of every Redis key this service writes.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    methods: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("winclip",), description="Comma list of methods loaded at startup."
+    )
+    demo: bool = Field(False, description="Tiny random-init models; every answer labelled demo.")
+    api_key: SecretStr | None = Field(None, description="When set, requests need header X-API-Key.")
+    data_dir: Path = Field(Path("data"), description="Where products/references persist without Redis.")
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="TTL of cached text prototypes; 0 = none.")
+    reference_ttl_s: int = Field(0, ge=0, description="TTL of stored reference features; 0 = none.")
+    local_cache_mb: int = Field(256, ge=1, description="Budget of the in-process LRU cache.")
+    redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket (connect) timeout.")
+    redis_retry_s: float = Field(5.0, ge=0, description="Seconds before retrying a Redis that failed.")
+    max_batch: int = Field(8, ge=1, le=256, description="Largest inference batch.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests.")
+    queue_size: int = Field(64, ge=1, description="Waiting requests per method before 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference request.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest upload (bytes).")
+    max_image_pixels: int = Field(40_000_000, ge=4, description="Largest image (width x height).")
+    max_reference_images: int = Field(16, ge=1, description="Most golden images per upload.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Visual tower precision.")
+    backend: Literal["torch", "onnx"] = Field("torch", description="Visual tower backend.")
+    max_regions: int = Field(100, ge=0, description="Most regions listed in an /inspect answer.")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _split_methods(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [m.strip() for m in value.split(",")]
+        if isinstance(value, (list, tuple)):
+            out = tuple(dict.fromkeys(str(m).strip() for m in value if str(m).strip()))
+            if not out:
+                raise ValueError("ZSI_METHODS must name at least one method")
+            return out
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when the installed torch sees a GPU, else ``cpu`` (torch imported lazily)."""
+    if device != "auto":
+        return device
+    try:
+        torch = importlib.import_module("torch")
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
