@@ -76,8 +76,12 @@ class Services:
             return self.methods[method]
         if method in self.failures:
             f = self.failures[method]
+            details = {k: v for k, v in f.items() if k not in ("error", "message")}
             raise ApiError(
-                503, f.get("error", "method_unavailable"), f.get("message", f"{method} failed to load"), **f
+                503,
+                f.get("error", "method_unavailable"),
+                f.get("message", f"{method} failed to load"),
+                **details,
             )
         if method in self.settings.methods:
             raise ApiError(

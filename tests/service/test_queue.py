@@ -1,0 +1,202 @@
+"""The batching queue (issue 7): same results as single calls, fewer forward passes, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+import models
+from models.base import AnomalyResult, Detector, ReferenceSet
+from prompts import builtin_products
+from service.queue import InferenceQueue, QueueFull, QueueTimeout, batch_key
+from tests.service.conftest import png_bytes, random_image
+
+pytestmark = pytest.mark.timeout(120)
+RAW = {"content-type": "image/png"}
+
+
+class SlowDetector(Detector):
+    """A fake model whose forward pass takes ``delay_s``; score = mean pixel / 255."""
+
+    method = "winclip"
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.model_name = "slow-fake"
+        self.weights_tag = "none"
+        self.device = "cpu"
+        self.random_weights = True
+        self.batches: list[int] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+
+    def prompt_digest(self, object_name: str | None = None, product: Any = None) -> str:
+        return "fake"
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: Any = None,
+        references: ReferenceSet | None = None,
+    ) -> list[AnomalyResult]:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        time.sleep(self.delay_s)
+        with self._lock:
+            self.in_flight -= 1
+            self.batches.append(len(images))
+        return [
+            AnomalyResult(
+                score=float(img.mean() / 255.0),
+                anomaly_map=np.full(img.shape[:2], img.mean() / 255.0, np.float32),
+                method=self.method,
+                model=self.model_name,
+                weights=self.weights_tag,
+                prompt_digest="fake",
+                random_weights=True,
+            )
+            for img in images
+        ]
+
+
+def test_concurrent_requests_match_single_calls_with_fewer_batches():
+    det = models.load_tiny_detector("winclip", device="cpu")
+    recipe = builtin_products()["bottle"]
+    images = [random_image(100 + i, 40 + 8 * (i % 3), 56) for i in range(8)]
+    singles = [det.predict(img, product=recipe) for img in images]
+
+    async def run() -> tuple[list[Any], InferenceQueue]:
+        q = InferenceQueue(det, max_batch=8, max_wait_s=0.2, max_size=16)
+        q.start()
+        try:
+            key = batch_key(recipe, None, None)
+            return await asyncio.gather(*(q.submit(img, key=key, product=recipe) for img in images)), q
+        finally:
+            await q.close()
+
+    answers, q = asyncio.run(run())
+    assert q.stats.images == 8
+    assert q.stats.batches < 8, q.stats.batch_sizes
+    for (res, info), want in zip(answers, singles, strict=True):
+        assert res.anomaly_map.shape == want.anomaly_map.shape
+        assert abs(res.score - want.score) <= 1e-5
+        assert np.abs(res.anomaly_map - want.anomaly_map).max() <= 1e-5
+        assert info["batch_size"] >= 1
+
+
+def test_different_products_are_not_batched_together():
+    det = SlowDetector(0.01)
+    a, b = builtin_products()["bottle"], builtin_products()["cable"]
+
+    async def run() -> None:
+        q = InferenceQueue(det, max_batch=8, max_wait_s=0.1, max_size=16)
+        q.start()
+        try:
+            jobs = [
+                q.submit(random_image(i), key=batch_key(p, None, None), product=p)
+                for i, p in enumerate([a, b, a, b, a])
+            ]
+            await asyncio.gather(*jobs)
+        finally:
+            await q.close()
+
+    asyncio.run(run())
+    assert sorted(det.batches) == [2, 3]
+
+
+def test_full_queue_and_deadline():
+    det = SlowDetector(0.3)
+
+    async def run() -> None:
+        q = InferenceQueue(det, max_batch=1, max_wait_s=0.0, max_size=2)
+        q.start()
+        try:
+            first = asyncio.ensure_future(q.submit(random_image(0), key="k", timeout_s=5))
+            await asyncio.sleep(0.05)  # running now
+            waiting = [asyncio.ensure_future(q.submit(random_image(i), key="k", timeout_s=5)) for i in (1, 2)]
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFull) as full:
+                await q.submit(random_image(3), key="k", timeout_s=5)
+            assert full.value.retry_after_s >= 1
+            with pytest.raises(QueueTimeout):
+                # the queue has room again only after the first finishes; this one times out waiting
+                await asyncio.sleep(0.35)
+                await q.submit(random_image(4), key="k", timeout_s=0.1)
+            await asyncio.gather(first, *waiting)
+        finally:
+            await q.close()
+
+    asyncio.run(run())
+    assert det.max_in_flight == 1  # one model, one batch at a time
+
+
+def test_overload_over_http_gets_503_retry_after_and_recovers(app_client):
+    det = SlowDetector(0.15)
+    data = png_bytes(random_image(5))
+    with app_client(
+        factory=lambda *a, **k: det, max_batch=1, max_wait_ms=0, queue_size=2, request_timeout_s=20
+    ) as (
+        client,
+        services,
+    ):
+
+        def call(_: int) -> Any:
+            t = time.monotonic()
+            r = client.post("/inspect", content=data, headers=RAW)
+            return r.status_code, r.headers.get("retry-after"), r.json(), time.monotonic() - t
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            results = list(pool.map(call, range(12)))
+        codes = [r[0] for r in results]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) >= 1 and codes.count(200) >= 1
+        for status, retry, body, took in results:
+            assert took < 15
+            if status == 503:
+                assert body["error"]["code"] == "queue_full" and int(retry) >= 1
+        assert client.get("/health").status_code == 200
+        assert client.post("/inspect", content=data, headers=RAW).status_code == 200
+        assert services.methods["winclip"].queue.depth == 0
+        assert 'zsi_rejected_total{method="winclip",reason="queue_full"}' in client.get("/metrics").text
+
+
+def test_request_past_its_deadline_gets_504(app_client):
+    det = SlowDetector(1.0)
+    with app_client(factory=lambda *a, **k: det, request_timeout_s=0.2) as (client, _):
+        r = client.post("/inspect", content=png_bytes(random_image(6)), headers=RAW)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert client.get("/health").status_code == 200
+
+
+def test_http_concurrency_batches_with_the_real_tiny_model(app_client):
+    images = [random_image(200 + i) for i in range(6)]
+    with app_client(max_batch=8, max_wait_ms=150) as (client, services):
+        det = services.methods["winclip"].detector
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(
+                pool.map(
+                    lambda im: client.post(
+                        "/inspect?product=bottle", content=png_bytes(im), headers=RAW
+                    ).json(),
+                    images,
+                )
+            )
+        q = services.methods["winclip"].queue
+        assert q.stats.images == 6 and q.stats.batches < 6, q.stats.batch_sizes
+        recipe = builtin_products()["bottle"]
+        for im, a in zip(images, answers, strict=True):
+            want = det.predict(im, product=recipe)
+            assert abs(a["score"] - want.score) <= 1e-5
+            assert a["anomaly_map"]["max"] == pytest.approx(float(want.anomaly_map.max()), abs=1e-5)
+        assert max(a["batch_size"] for a in answers) > 1
