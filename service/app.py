@@ -267,6 +267,34 @@ class ServiceMiddleware:
         self.services.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
 
 
+def _swagger_assets() -> Path | None:
+    """Swagger UI files shipped by the ``swagger-ui-py`` package (no CDN: lines are often offline)."""
+    try:
+        import swagger_ui
+    except ImportError:
+        return None
+    static = Path(swagger_ui.__file__).resolve().parent / "static"
+    return static if (static / "swagger-ui-bundle.js").exists() else None
+
+
+def _local_docs(app: FastAPI, assets: Path, title: str) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs-static", StaticFiles(directory=assets), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui_html() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{title} - Swagger UI",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon-32x32.png",
+        )
+
+
 def create_app(
     settings: Settings | None = None, *, detector_factory: DetectorFactory | None = None
 ) -> FastAPI:
@@ -298,7 +326,16 @@ def create_app(
         detector_factory=detector_factory or default_detector_factory,
     )
     title = "Zero-shot anomaly inspection" + (" (DEMO: random-init models)" if settings.demo else "")
-    app = FastAPI(title=title, version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    assets = _swagger_assets()
+    app = FastAPI(
+        title=title,
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None if assets else "/docs",
+    )
+    if assets:
+        _local_docs(app, assets, title)
     app.state.services = services
     install_error_handlers(app)
     for r in (
