@@ -110,7 +110,7 @@ def overlay_image(
     pil = Image.fromarray(blended, mode="RGB")
     draw = ImageDraw.Draw(pil)
     pad = max(1, size // 4)
-    y = pad
+    y: float = pad
     for i, text in enumerate(lines):
         x0, y0, x1, y1 = draw.textbbox((pad, y), text, font=font)
         draw.rectangle((x0 - pad, y0 - pad, x1 + pad, y1 + pad), fill=(0, 0, 0))

@@ -248,9 +248,9 @@ class ServiceMiddleware:
                         body = json.dumps(doc).encode()
                 except ValueError:
                     pass
-                hdrs = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
-                hdrs.append((b"content-length", str(len(body)).encode()))
-                await send({**start_message, "headers": hdrs})
+                kept = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
+                kept.append((b"content-length", str(len(body)).encode()))
+                await send({**start_message, "headers": kept})
                 await send({"type": "http.response.body", "body": body})
                 return
             await send(message)

@@ -198,7 +198,7 @@ class RedisCache(BlobCache):
         import redis  # local import: only needed when configured
 
         self.url = url
-        self._errors = (redis.RedisError, OSError)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         # No connection is made here: redis-py connects on the first command.
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
@@ -236,7 +236,7 @@ class RedisCache(BlobCache):
             return False
 
     def close(self) -> None:
-        with contextlib.suppress(self._errors):
+        with contextlib.suppress(*self._errors):
             self.client.close()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -232,8 +233,11 @@ class InferenceQueue:
             try:
                 results = await loop.run_in_executor(
                     self._executor,
-                    lambda b=batch, h=head: self.detector.predict_batch(
-                        [j.image for j in b], product=h.product, references=h.references
+                    functools.partial(
+                        self.detector.predict_batch,
+                        [j.image for j in batch],
+                        product=head.product,
+                        references=head.references,
                     ),
                 )
             except Exception as exc:

@@ -10,8 +10,8 @@ DEMO_WARNING = "DEMO mode: tiny random-init models; scores are NOT real inspecti
 
 
 class Tagged(BaseModel):
-    demo: bool = Field(False, description="True when the service runs random-init demo models.")
-    warning: str | None = Field(None, description="Set in demo mode: why the result is not real.")
+    demo: bool = Field(default=False, description="True when the service runs random-init demo models.")
+    warning: str | None = Field(default=None, description="Set in demo mode: why the result is not real.")
 
 
 class ErrorDetail(BaseModel):
@@ -78,10 +78,12 @@ class ProductIn(BaseModel):
     object_name: str = Field(description="Noun phrase used in prompts.", examples=["metal nut"])
     extra_normal_states: list[str] = Field(default_factory=list, examples=[["clean {}"]])
     extra_anomalous_states: list[str] = Field(default_factory=list, examples=[["cracked {}"]])
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous.")
-    default_method: str = Field("winclip", description="Method used when /inspect names none.")
-    dataset: str | None = Field(None, description="Free-form origin label.")
-    saa: dict[str, Any] | None = Field(None, description="SAA+ prompts (see METHODS.md section 3).")
+    threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
+    )
+    default_method: str = Field(default="winclip", description="Method used when /inspect names none.")
+    dataset: str | None = Field(default=None, description="Free-form origin label.")
+    saa: dict[str, Any] | None = Field(default=None, description="SAA+ prompts (see METHODS.md section 3).")
 
 
 class ProductOut(Tagged):
@@ -112,7 +114,7 @@ class ReferenceSetOut(BaseModel):
     model_key: str = Field(description="method/model/weights that encoded the features.")
     count: int
     image_hashes: list[str]
-    stored: bool = Field(True, description="False when the stored features expired or are missing.")
+    stored: bool = Field(default=True, description="False when the stored features expired or are missing.")
 
 
 class ReferencesOut(Tagged):

@@ -16,35 +16,41 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ZSI_", env_file=".env", extra="ignore")
 
-    weights_dir: Path = Field(Path("weights"), description="Directory with the checkpoint files.")
+    weights_dir: Path = Field(default=Path("weights"), description="Directory with the checkpoint files.")
     redis_url: str | None = Field(
-        None,
+        default=None,
         validation_alias=AliasChoices("ZSI_REDIS_URL", "REDIS_URL", "redis_url"),
         description="redis://host:port/db; unset = in-process LRU cache and ZSI_DATA_DIR files.",
     )
-    key_prefix: str = Field("zsi:", description="Prefix of every Redis key this service writes.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    key_prefix: str = Field(default="zsi:", description="Prefix of every Redis key this service writes.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available.")
     methods: Annotated[tuple[str, ...], NoDecode] = Field(
-        ("winclip",), description="Comma list of methods loaded at startup."
+        default=("winclip",), description="Comma list of methods loaded at startup."
     )
-    demo: bool = Field(False, description="Tiny random-init models; every answer labelled demo.")
-    api_key: SecretStr | None = Field(None, description="When set, requests need header X-API-Key.")
-    data_dir: Path = Field(Path("data"), description="Where products/references persist without Redis.")
-    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="TTL of cached text prototypes; 0 = none.")
-    reference_ttl_s: int = Field(0, ge=0, description="TTL of stored reference features; 0 = none.")
-    local_cache_mb: int = Field(256, ge=1, description="Budget of the in-process LRU cache.")
-    redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket (connect) timeout.")
-    redis_retry_s: float = Field(5.0, ge=0, description="Seconds before retrying a Redis that failed.")
-    max_batch: int = Field(8, ge=1, le=256, description="Largest inference batch.")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests.")
-    queue_size: int = Field(64, ge=1, description="Waiting requests per method before 503.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference request.")
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest upload (bytes).")
-    max_image_pixels: int = Field(40_000_000, ge=4, description="Largest image (width x height).")
-    max_reference_images: int = Field(16, ge=1, description="Most golden images per upload.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Visual tower precision.")
-    backend: Literal["torch", "onnx"] = Field("torch", description="Visual tower backend.")
-    max_regions: int = Field(100, ge=0, description="Most regions listed in an /inspect answer.")
+    demo: bool = Field(default=False, description="Tiny random-init models; every answer labelled demo.")
+    api_key: SecretStr | None = Field(default=None, description="When set, requests need header X-API-Key.")
+    data_dir: Path = Field(
+        default=Path("data"), description="Where products/references persist without Redis."
+    )
+    cache_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=0, description="TTL of cached text prototypes; 0 = none."
+    )
+    reference_ttl_s: int = Field(default=0, ge=0, description="TTL of stored reference features; 0 = none.")
+    local_cache_mb: int = Field(default=256, ge=1, description="Budget of the in-process LRU cache.")
+    redis_timeout_s: float = Field(default=0.5, gt=0, description="Redis socket (connect) timeout.")
+    redis_retry_s: float = Field(
+        default=5.0, ge=0, description="Seconds before retrying a Redis that failed."
+    )
+    max_batch: int = Field(default=8, ge=1, le=256, description="Largest inference batch.")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for more requests.")
+    queue_size: int = Field(default=64, ge=1, description="Waiting requests per method before 503.")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one inference request.")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="Largest upload (bytes).")
+    max_image_pixels: int = Field(default=40_000_000, ge=4, description="Largest image (width x height).")
+    max_reference_images: int = Field(default=16, ge=1, description="Most golden images per upload.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
+    backend: Literal["torch", "onnx"] = Field(default="torch", description="Visual tower backend.")
+    max_regions: int = Field(default=100, ge=0, description="Most regions listed in an /inspect answer.")
 
     @field_validator("methods", mode="before")
     @classmethod
