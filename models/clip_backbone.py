@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
 
+RANDOM_INIT_SEED = 0
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -137,7 +138,11 @@ def create_clip(
             ) from exc
         tag = pretrained_tag
     elif str(weights) == RANDOM_INIT:
-        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        # seeded, so every process builds the SAME random model: the model key
+        # (and therefore shared cache entries) then names one set of weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(model_name, pretrained=None, device="cpu")
         tag = RANDOM_INIT
         random_weights = True
     else:

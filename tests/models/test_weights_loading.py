@@ -77,3 +77,20 @@ def test_official_tag_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
         WeightsError, match="could not obtain the official weights ViT-B-16-plus-240/laion400m_e31"
     ):
         create_clip("ViT-B-16-plus-240", None, pretrained_tag="laion400m_e31", device="meta")
+
+
+def test_random_init_is_labelled_and_identical_across_builds() -> None:
+    """Two processes in demo mode share one model key, so they must hold the same weights."""
+    torch.manual_seed(1)
+    a = models.load_tiny_detector("winclip")
+    torch.manual_seed(2)
+    b = models.load_tiny_detector("winclip")
+    assert a.random_weights and a.weights_tag == models.RANDOM_INIT and a.model_key == b.model_key
+    for (name, x), (_, y) in zip(a.clip.state_dict().items(), b.clip.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    # the global RNG stream is left alone
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    models.load_tiny_detector("winclip")
+    assert torch.equal(torch.rand(1), expected)
