@@ -1,6 +1,7 @@
 """SAA+ latency per stage on this machine: REAL architectures, RANDOM weights.
 
-    python benchmarks/saa_latency.py                 # SAM vit_b, CPU, 1 warm-up + 2 timed runs
+    python benchmarks/saa_latency.py                 # SAM vit_b, CPU, 1 warm-up + 1 timed run (~5 min here)
+    python benchmarks/saa_latency.py --dino-size 400 # quicker: GroundingDINO dominates on a CPU
     python benchmarks/saa_latency.py --sam vit_h --device cuda
 
 Random weights make GroundingDINO return confident boxes everywhere, so the number
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="square input image side (pixels)")
     ap.add_argument("--dino-size", type=int, default=800, help="GroundingDINO short side (reference 800)")
     ap.add_argument("--boxes", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--product", default="carpet")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
