@@ -45,7 +45,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _mvtec_category(cat_dir: Path, split: str) -> list[Sample]:
-    out = []
+    out: list[Sample] = []
     split_dir = cat_dir / split
     if not split_dir.is_dir():
         return out

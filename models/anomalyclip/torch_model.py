@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ def interpolate_pos_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch
 
 
 def dpam_block(
-    block: nn.Module, x_ori: torch.Tensor, x_vv: torch.Tensor
+    block: Any, x_ori: torch.Tensor, x_vv: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One dual-path block with V-V attention, as a function of an open_clip block's weights.
 
@@ -136,7 +137,7 @@ class DpamVisualEncoder(nn.Module):
             replaces the last 19 blocks).
     """
 
-    def __init__(self, *, visual: nn.Module, feature_layers: Sequence[int], dpam_start: int = 6) -> None:
+    def __init__(self, *, visual: Any, feature_layers: Sequence[int], dpam_start: int = 6) -> None:
         super().__init__()
         self.visual = visual
         n_blocks = len(visual.transformer.resblocks)
@@ -156,7 +157,7 @@ class DpamVisualEncoder(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + class embedding, interpolated positions, ``ln_pre``: ``[B, 1 + gh*gw, W]``."""
-        v = self.visual
+        v: Any = self.visual
         x = v.conv1(pixels)  # [B, W, gh, gw]
         grid = (int(x.shape[-2]), int(x.shape[-1]))
         x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, W]
@@ -167,7 +168,7 @@ class DpamVisualEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> VisualFeatures:
         """``pixels [B, 3, S, S]`` (normalised) -> :class:`VisualFeatures`."""
-        v = self.visual
+        v: Any = self.visual
         x, grid = self.embed(pixels)
         blocks = v.transformer.resblocks
         taken: dict[int, torch.Tensor] = {}
@@ -202,6 +203,13 @@ class PromptLearner(nn.Module):
     Build it with :meth:`initialise` (training from scratch) or
     :meth:`from_state_dict` (strict loading); the bare constructor gives zeros.
     """
+
+    token_prefix_pos: torch.Tensor
+    token_suffix_pos: torch.Tensor
+    token_prefix_neg: torch.Tensor
+    token_suffix_neg: torch.Tensor
+    tokenized_prompts_pos: torch.Tensor
+    tokenized_prompts_neg: torch.Tensor
 
     def __init__(
         self,
@@ -243,8 +251,8 @@ class PromptLearner(nn.Module):
     @classmethod
     def initialise(
         cls,
-        clip: nn.Module,
-        tokenizer: object,
+        clip: Any,
+        tokenizer: Any,
         *,
         n_ctx: int = 12,
         deep_prompt_depth: int = 9,
@@ -268,11 +276,12 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             for p in [learner.ctx_pos, learner.ctx_neg, *learner.compound_prompts_text]:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-            for lin in learner.compound_prompt_projections:
+            projections: list[Any] = list(learner.compound_prompt_projections)
+            for lin in projections:
                 bound = ctx_dim**-0.5  # nn.Linear's default init, drawn from the generator
                 lin.weight.copy_((torch.rand(lin.weight.shape, generator=generator) * 2 - 1) * bound)
                 lin.bias.copy_((torch.rand(lin.bias.shape, generator=generator) * 2 - 1) * bound)
-            tokens = tokenizer(list(cls.templates(n_ctx)))  # type: ignore[operator]  # [2, L]
+            tokens = tokenizer(list(cls.templates(n_ctx)))  # [2, L]
             tokens = tokens[:, :context_length].to(emb.weight.device)
             embedded = emb(tokens).float().cpu()  # [2, L, D]
             for i, tag in enumerate(("pos", "neg")):
@@ -340,7 +349,7 @@ class PromptLearner(nn.Module):
 
 
 def encode_text_deep_prompts(
-    clip: nn.Module,
+    clip: Any,
     prompts: torch.Tensor,
     tokens: torch.Tensor,
     deep_prompts: Sequence[torch.Tensor],
@@ -387,7 +396,7 @@ def encode_text_deep_prompts(
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # [P, E]
 
 
-def text_embeddings(clip: nn.Module, learner: PromptLearner) -> torch.Tensor:
+def text_embeddings(clip: Any, learner: PromptLearner) -> torch.Tensor:
     """``[2, E]`` L2-normalised text embeddings (normal, abnormal) of a prompt learner."""
     prompts, tokens, deep = learner()
     feats = encode_text_deep_prompts(clip, prompts.to(clip.positional_embedding.dtype), tokens, deep)
