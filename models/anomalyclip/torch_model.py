@@ -75,9 +75,7 @@ def interpolate_pos_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch
     return torch.cat([pos[:1], g], dim=0)
 
 
-def dpam_block(
-    block: Any, x_ori: torch.Tensor, x_vv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dpam_block(block: Any, x_ori: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One dual-path block with V-V attention, as a function of an open_clip block's weights.
 
     ``h = ln_1(x_ori)``; ``q, k, v`` from the block's ``in_proj``; per head
