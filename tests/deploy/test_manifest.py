@@ -19,8 +19,9 @@ METHODS = {"winclip", "anomalyclip", "saa_plus"}
 EXPECTED_FILES = {
     "openclip-vit-b-16-plus-240-laion400m_e31": "open_clip/vit_b_16_plus_240-laion400m_e31-8fb26589.pt",
     "openclip-vit-l-14-336-openai": "open_clip/ViT-L-14-336px.pt",
-    "anomalyclip-prompt-learner-visa": "anomalyclip/9_12_4_multiscale_visa/epoch_15.pth",
-    "anomalyclip-prompt-learner-mvtec": "anomalyclip/9_12_4_multiscale/epoch_15.pth",
+    # the reference's folder suffix names the TEST set: 9_12_4_multiscale was trained on VisA
+    "anomalyclip-prompt-learner-visa": "anomalyclip/9_12_4_multiscale/epoch_15.pth",
+    "anomalyclip-prompt-learner-mvtec": "anomalyclip/9_12_4_multiscale_visa/epoch_15.pth",
     "sam-vit-h": "sam/sam_vit_h_4b8939.pth",
     "sam-vit-l": "sam/sam_vit_l_0b3195.pth",
     "sam-vit-b": "sam/sam_vit_b_01ec64.pth",
