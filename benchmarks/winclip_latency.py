@@ -172,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp16 and dev.startswith("cuda"):
         precisions.append("fp16")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    peak = {
-        p: max(
-            matmul_gflops(dtypes[p], dev, 4096, 4096, 4096), matmul_gflops(dtypes[p], dev, 2896, 896, 3584)
-        )
-        for p in precisions
-    }
+
+    def measure_peak() -> dict[str, float]:
+        return {
+            p: max(
+                matmul_gflops(dtypes[p], dev, 4096, 4096, 4096),
+                matmul_gflops(dtypes[p], dev, 2896, 896, 3584),
+            )
+            for p in precisions
+        }
+
+    peak = measure_peak()  # measured again after the model runs; the larger value is kept
     for p, g in peak.items():
         print(f"peak matmul throughput {p} (best GEMM of 4096^3 and 2896x896x3584): {g:.1f} GFLOP/s")
 
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         detectors[p] = WinClipDetector(backbone=fp32.backbone, device=dev, precision=p, cache=fp32.cache)
 
     rows = []
+    timed = []
     maps: dict[tuple[str, int], list] = {}
     for p in precisions:
         for b in args.batch:
@@ -196,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             maps[(p, b)] = res
             shape_floor, gemm_flops = gemm_floor_seconds(detectors[p], b, dtypes[p], dev)
-            peak_floor = flops / (peak[p] * 1e9)
-            rows.append((p, b, sec, peak_floor, shape_floor, gemm_flops / flops))
+            timed.append((p, b, sec, shape_floor, gemm_flops))
+    again = measure_peak()
+    peak = {p: max(peak[p], again[p]) for p in precisions}
+    for p, g in peak.items():
+        print(f"peak matmul throughput {p}, best of the measurements before and after: {g:.1f} GFLOP/s")
+    for p, b, sec, shape_floor, gemm_flops in timed:
+        rows.append((p, b, sec, flops / (peak[p] * 1e9), shape_floor, gemm_flops / flops))
     print()
     print("floor A = counted FLOPs / peak matmul throughput measured above")
     print(
