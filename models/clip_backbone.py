@@ -184,7 +184,11 @@ def preprocess(
     for i, img in enumerate(images):
         check_image(img, f"image {i}")
         t = (
-            torch.from_numpy(np.array(img, copy=not img.flags.writeable, order="C")).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+            torch.from_numpy(np.array(img, copy=not img.flags.writeable, order="C"))
+            .permute(2, 0, 1)
+            .unsqueeze(0)
+            .float()
+            .div_(255.0)
         )  # [1,3,H,W]
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)

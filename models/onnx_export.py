@@ -49,7 +49,7 @@ class ExportableTower(nn.Module):
         self.ln_pre = t.ln_pre
         self.ln_post = t.ln_post
         self.proj = t.proj
-        self.blocks = nn.ModuleList(t.transformer.resblocks)
+        self.blocks: Any = nn.ModuleList(t.transformer.resblocks)
         for blk in self.blocks:
             attn = blk.attn
             if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:

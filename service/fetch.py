@@ -259,7 +259,7 @@ def _select(args: argparse.Namespace, specs: dict[str, WeightSpec]) -> list[str]
 
 def _cmd_list(args: argparse.Namespace, specs: dict[str, WeightSpec]) -> int:
     wd = Path(args.dir)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, s in specs.items():
         present = all((wd / p.path).is_file() for p in s.parts())
         digest = (

@@ -18,7 +18,9 @@ def _write_image(path: Path, seed: int = 0, size: tuple[int, int] = (90, 70)) ->
     return path
 
 
-def test_inspect_demo_writes_overlay_and_labels_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_demo_writes_overlay_and_labels_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     img = _write_image(tmp_path / "part.png")
     out = tmp_path / "out"
     assert main(["inspect", str(img), "--demo", "--product", "bottle", "--out", str(out), "--save-map"]) == 0
@@ -38,12 +40,16 @@ def test_inspect_with_references_uses_few_shot(tmp_path: Path, capsys: pytest.Ca
     golden.mkdir()
     _write_image(golden / "g1.png", seed=2)
     _write_image(golden / "g2.png", seed=3)
-    assert main(["inspect", str(img), "--demo", "--references", str(golden), "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(["inspect", str(img), "--demo", "--references", str(golden), "--out", str(tmp_path / "o")]) == 0
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["used_references"] is True
 
 
-def test_inspect_without_weights_says_how_to_fetch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_without_weights_says_how_to_fetch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     img = _write_image(tmp_path / "part.png")
     assert main(["inspect", str(img), "--weights-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err

@@ -103,7 +103,7 @@ class SaaPlusDetector(Detector):
     def __init__(
         self,
         *,
-        dino: torch.nn.Module,
+        dino: Any,
         sam: torch.nn.Module,
         wrn: torch.nn.Module,
         model_name: str,
@@ -113,14 +113,14 @@ class SaaPlusDetector(Detector):
         settings: SaaSettings | None = None,
     ) -> None:
         self.dino = dino
-        self.sam = sam
+        self.sam: Any = sam
         self.wrn = wrn
         self.model_name = model_name
         self.weights_tag = weights_tag
         self.random_weights = random_weights
         self.device = str(device)
         self.settings = settings or SaaSettings()
-        self.tokenizer: Any = dino.tokenizer
+        self.tokenizer: Any = dino.tokenizer  # a transformers tokenizer
         self._special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
 
     # ------------------------------------------------------------------ prompts

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ class SamImageEmbedding:
 
 
 @torch.no_grad()
-def embed_image(sam: torch.nn.Module, image: np.ndarray) -> SamImageEmbedding:
+def embed_image(sam: Any, image: np.ndarray) -> SamImageEmbedding:
     """Image encoder on an ``HWC uint8 RGB`` image (the package's own resize, normalise, pad)."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -148,7 +149,7 @@ def embed_image(sam: torch.nn.Module, image: np.ndarray) -> SamImageEmbedding:
 
 
 @torch.no_grad()
-def decode_boxes(sam: torch.nn.Module, emb: SamImageEmbedding, boxes_xyxy: np.ndarray) -> np.ndarray:
+def decode_boxes(sam: Any, emb: SamImageEmbedding, boxes_xyxy: np.ndarray) -> np.ndarray:
     """One mask per box, all boxes in one call (``multimask_output=False``).
 
     Args:
