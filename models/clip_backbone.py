@@ -10,7 +10,6 @@ random init (tests / labelled demo only).
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import RANDOM_INIT, WeightsError, check_image
+from models.checkpoints import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +50,13 @@ def list_architectures() -> list[str]:
     return list(open_clip.list_models())
 
 
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    for wrapper in ("state_dict", "model", "module"):
-        if wrapper in state and isinstance(state[wrapper], dict) and len(state) <= 4:
-            state = state[wrapper]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``path`` safely (``weights_only=True``).
+    """Read a state dict from ``path`` safely (see :func:`models.checkpoints.read_state_dict`).
 
     An OpenAI TorchScript archive (as published for ``ViT-L-14-336``) is read with
     ``torch.jit.load`` and its state dict taken; its metadata entries are dropped.
     """
-    is_torchscript = False
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            is_torchscript = any(n.endswith("constants.pkl") for n in zf.namelist())
-    try:
-        if is_torchscript:
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            for meta in ("input_resolution", "context_length", "vocab_size"):
-                state.pop(meta, None)
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / unreadable file
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise WeightsError(f"weights file {path} does not hold a state dict")
-    return _strip_prefixes(state)
+    return read_state_dict(path)
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str) -> None:

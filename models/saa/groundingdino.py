@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models.base import WeightsError
+from models.checkpoints import read_state_dict
 from models.weights import fetch_hint
 
 GROUNDINGDINO_WEIGHTS = "groundingdino-swint-ogc"
@@ -155,23 +156,17 @@ def build_groundingdino(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def read_checkpoint(path: str | Path, weights_name: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``path`` (``{"model": sd}`` or a bare state dict; ``module.`` removed)."""
+    """A state dict from ``path`` (``{"model": sd}`` or a bare state dict; ``module.`` removed).
+
+    A missing file names the manifest entry and the fetch command.
+    """
     path = Path(path)
     if not path.exists():
         raise WeightsError(
             f"weights file not found: {path}. Fetch it where a network exists with: "
             f"{fetch_hint([weights_name], path.parent.parent)}"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"cannot read weights file {path}: not a state dict")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return read_state_dict(path)
 
 
 def load_groundingdino_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
