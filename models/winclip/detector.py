@@ -141,7 +141,10 @@ class WinClipDetector(Detector):
     ) -> torch.Tensor:
         """Cached text prototypes ``[2, E]`` on the detector's device."""
         ensemble, name = self._prompt_inputs(object_name, product)
-        key = self.text_cache_key(ensemble.digest(name))
+        return self._cached_prototypes(ensemble, name, ensemble.digest(name))
+
+    def _cached_prototypes(self, ensemble: PromptEnsemble, name: str | None, digest: str) -> torch.Tensor:
+        key = self.text_cache_key(digest)
         cached = self.cache.get_array(key)
         if cached is None:
             with self._text_locks_guard:
@@ -239,7 +242,9 @@ class WinClipDetector(Detector):
         for i, img in enumerate(images):
             check_image(img, f"image {i}")
         t0 = time.perf_counter()
-        prototypes = self.text_prototypes(object_name, product)
+        ensemble, name = self._prompt_inputs(object_name, product)
+        digest = ensemble.digest(name)  # once per batch: cache key and result label
+        prototypes = self._cached_prototypes(ensemble, name, digest)
         t1 = time.perf_counter()
         pixels = preprocess(
             list(images), self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device
@@ -265,7 +270,6 @@ class WinClipDetector(Detector):
             "score": t4 - t3,
             "upsample": t5 - t4,
         }
-        digest = self.prompt_digest(object_name, product)
         results = []
         for i, m in enumerate(maps):
             m.setflags(write=False)
