@@ -18,6 +18,7 @@ from models.base import ArrayCache, Detector, WeightsError
 from service.cache import ArrayCacheAdapter, BlobCache, FileStore, LocalCache, RedisCache, ResilientCache
 from service.deps import DetectorFactory, LoadedMethod, Services
 from service.errors import ApiError, error_body, install_error_handlers
+from service.inspection import InspectionFlow
 from service.metrics import Metrics
 from service.products import ProductStore
 from service.queue import InferenceQueue
@@ -325,6 +326,7 @@ def create_app(
         references=ReferenceStore(store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s),
         detector_factory=detector_factory or default_detector_factory,
     )
+    services.inspection = InspectionFlow(services)
     title = "Zero-shot anomaly inspection" + (" (DEMO: random-init models)" if settings.demo else "")
     assets = _swagger_assets()
     app = FastAPI(

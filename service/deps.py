@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -19,6 +19,9 @@ from service.products import ProductStore
 from service.queue import InferenceQueue
 from service.references import ReferenceStore
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.inspection import InspectionFlow
 
 #: ``factory(method, settings=..., device=..., cache=...) -> Detector``
 DetectorFactory = Callable[..., Detector]
@@ -49,6 +52,8 @@ class Services:
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
     loaded: asyncio.Event | None = None
+    #: the inspection flow between the /inspect router and the queues (set by create_app)
+    inspection: InspectionFlow = field(init=False)
 
     @property
     def demo(self) -> bool:
