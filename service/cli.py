@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("make-demo-dataset", help="write a tiny synthetic dataset (MVTec-AD layout)")
     d.add_argument("dir", type=Path)
-    d.add_argument("--train", type=int, default=100, help="train good images per category")
+    d.add_argument("--train", type=int, default=120, help="train good images per category")
     d.add_argument("--test-good", type=int, default=10)
     d.add_argument("--test-defect", type=int, default=12)
     d.add_argument("--size", type=int, default=128, help="image side in pixels")

@@ -124,7 +124,7 @@ def make_demo_dataset(
     root: str | Path,
     *,
     categories: tuple[str, ...] | list[str] = DEMO_CATEGORIES,
-    train: int = 100,
+    train: int = 120,
     test_good: int = 10,
     test_defect: int = 12,
     size: int = 128,
