@@ -54,13 +54,17 @@ def _binary(a: np.ndarray, name: str) -> np.ndarray:
 
 
 def _as_list(a: ArrayOrMaps, name: str) -> list[np.ndarray]:
+    """Per-image 2-D arrays from ``(N, H, W)``, ``(N, 1, H, W)``, ``(H, W)`` or a sequence of them."""
     if isinstance(a, np.ndarray):
+        if a.ndim == 4 and a.shape[1] == 1:
+            a = a[:, 0]
         if a.ndim == 3:
             return list(a)
         if a.ndim == 2:
             return [a]
         raise ValueError(f"{name} must be (N, H, W) or (H, W), got shape {a.shape}")
-    return [np.asarray(x) for x in a]
+    out = [np.asarray(x) for x in a]
+    return [x[0] if x.ndim == 3 and x.shape[0] == 1 else x for x in out]
 
 
 def _maps_masks(

@@ -278,3 +278,11 @@ def test_false_reject_rate_counts_ties_as_rejected() -> None:
     assert false_reject_rate([0.1, 0.5], 0.6) == 0.0
     assert math.isnan(false_reject_rate([], 0.5))
     assert recall_at([0.4, 0.5], 0.5) == 0.5
+
+
+def test_channel_dimension_and_sequences_are_accepted() -> None:
+    maps, masks = _two_region_case()
+    expected = aupro(maps, masks)
+    assert aupro(maps[:, None], masks[:, None]) == expected  # (N, 1, H, W), as anomalib batches
+    assert aupro(list(maps), list(masks)) == expected
+    assert pixel_auroc(maps[:, None], masks[:, None]) == pixel_auroc(maps, masks)
