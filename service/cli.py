@@ -5,6 +5,8 @@ Subcommands:
     inspect IMAGE...    inspect image files; print scores as JSON lines, write PNG overlays
     weights ...         list / fetch / verify checkpoint files (see ``anomaly-inspect weights -h``)
     train-anomalyclip   train AnomalyCLIP prompts on an auxiliary dataset
+    eval DATA_DIR       evaluate a method on MVTec-AD / VisA / your own folders (docs/evaluation.md)
+    make-demo-dataset DIR   write a tiny synthetic dataset (MVTec-AD layout) to try eval on
 """
 
 from __future__ import annotations
@@ -148,6 +150,71 @@ def _train_anomalyclip(argv: list[str]) -> int:
     return int(train_main(argv) or 0)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Thin wrapper: options -> :func:`service.evaluation.run_evaluation` (which does the work)."""
+    import models
+    from service.evaluation import DatasetError, EvalConfig, EvaluationError, run_evaluation
+
+    try:
+        if args.demo:
+            det = models.load_tiny_detector(args.method, device=args.device, precision=args.precision)
+        elif args.weights:
+            det = models.load_detector(
+                args.method, weights=args.weights, device=args.device, precision=args.precision
+            )
+        else:
+            det = models.load_detector_from_dir(
+                args.method, args.weights_dir, device=args.device, precision=args.precision
+            )
+    except models.WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if det.random_weights:
+        print(f"warning: {DEMO_LABEL}", file=sys.stderr)
+    cfg = EvalConfig(
+        data_dir=args.data_dir,
+        out_dir=args.out,
+        layout=args.layout,
+        categories=tuple(args.categories or ()),
+        references=args.references,
+        seed=args.seed,
+        target_false_reject_rate=args.target_frr,
+        calibration_images=args.calibration_images,
+        map_size=args.map_size,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    try:
+        report = run_evaluation(cfg, det, log=lambda m: print(m, file=sys.stderr))
+    except (DatasetError, EvaluationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: scored images are cached under {args.out}/cache; run again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print((args.out / "report.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'} and plots", file=sys.stderr)
+    return 0 if report else 1
+
+
+def _make_demo_dataset(args: argparse.Namespace) -> int:
+    from service.evaluation import make_demo_dataset
+
+    cats = make_demo_dataset(
+        args.dir,
+        train=args.train,
+        test_good=args.test_good,
+        test_defect=args.test_defect,
+        size=args.size,
+        seed=args.seed,
+    )
+    print(f"wrote {', '.join(cats)} (MVTec-AD layout, synthetic) under {args.dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomaly-inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,6 +256,35 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="out", help="folder for overlays (default ./out)")
     i.add_argument("--save-map", action="store_true", help="also write the 8-bit anomaly map PNG")
     i.set_defaults(func=_inspect)
+
+    e = sub.add_parser("eval", help="evaluate a method on a dataset (docs/evaluation.md)")
+    e.add_argument("data_dir", type=Path, help="dataset root (MVTec-AD, VisA or good/ + defect/ folders)")
+    e.add_argument("--layout", choices=["mvtec", "visa", "folder"], help="default: detected")
+    e.add_argument("--method", default="winclip", choices=["winclip", "anomalyclip", "saa_plus"])
+    e.add_argument("--categories", nargs="+", help="only these categories (default: all)")
+    e.add_argument("--references", type=int, default=0, help="golden images per category (few-shot)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the golden/calibration draw (default 0)")
+    e.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (default 0.01)")
+    e.add_argument("--calibration-images", type=int, default=100, help="good images to calibrate on (max)")
+    e.add_argument("--map-size", type=int, default=256, help="side of maps and masks for pixel metrics")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--out", type=Path, default=Path("eval-out"), help="report folder (and cache)")
+    e.add_argument("--weights", type=Path, help="a checkpoint file (default: look in --weights-dir)")
+    e.add_argument("--weights-dir", type=Path, default=Path(os.environ.get("ZSI_WEIGHTS_DIR", "weights")))
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.add_argument("--demo", action="store_true", help="tiny random-init model (every output labelled DEMO)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("make-demo-dataset", help="write a tiny synthetic dataset (MVTec-AD layout)")
+    d.add_argument("dir", type=Path)
+    d.add_argument("--train", type=int, default=120, help="train good images per category")
+    d.add_argument("--test-good", type=int, default=10)
+    d.add_argument("--test-defect", type=int, default=12)
+    d.add_argument("--size", type=int, default=128, help="image side in pixels")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_make_demo_dataset)
 
     sub.add_parser(
         "weights", help="list / fetch / verify checkpoints (anomaly-inspect weights -h)", add_help=False
