@@ -176,8 +176,9 @@ def _legend(
     panel.paste(Image.fromarray(np.repeat(ramp, bar_h, axis=0), mode="RGB"), (x, bar_y0))
     if threshold is not None:
         tx = x + round(float(np.clip(threshold, 0.0, 1.0)) * (bar_w - 1))
-        draw.rectangle((tx - 1, bar_y0 - 2, tx + 1, bar_y0 + bar_h + 1), fill=(0, 0, 0))
-        draw.line((tx, bar_y0 - 2, tx, bar_y0 + bar_h + 1), fill=TEXT_RGB, width=1)
+        half, out = size // 16, max(2, size // 8)  # marker: white, black edges, over the bar's height
+        draw.rectangle((tx - half - 1, bar_y0 - out, tx + half + 1, bar_y0 + bar_h - 1 + out), fill=(0, 0, 0))
+        draw.rectangle((tx - half, bar_y0 - out + 1, tx + half, bar_y0 + bar_h - 2 + out), fill=TEXT_RGB)
     x += bar_w + pad
     draw.text((x, mid - small_h // 2 - stop), "1", fill=TEXT_RGB, font=small)
     if thr_text:
