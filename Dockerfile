@@ -1,11 +1,11 @@
 # syntax=docker/dockerfile:1
-# zeroshot-inspect: the inspection API in a container. One Dockerfile, two flavours:
+# zeroshot-inspect: the inspection API in a container. One Dockerfile, two flavours, both on
+# a slim Debian + Python base; they differ only in where torch comes from:
 #
-#   GPU (default): CUDA runtime + cuDNN base, CUDA wheels of torch, onnxruntime-gpu
+#   GPU (default): torch's CUDA wheels from PyPI, onnxruntime-gpu
 #     docker build -t zeroshot-inspect:gpu .
-#   CPU: Debian slim + Python, CPU-only torch wheels (no ~3 GB of CUDA libraries), onnxruntime
+#   CPU: torch's CPU-only wheels (no ~3 GB of CUDA libraries), onnxruntime
 #     docker build -t zeroshot-inspect:cpu \
-#       --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
 #       --build-arg EXTRAS=saa,onnx .
 #
@@ -14,11 +14,17 @@
 # BAKE_WEIGHTS="name ..." bakes the named manifest entries into the image (needs network
 # at build time; an image for an offline line PC).
 #
-# The GPU base: CUDA 13 / cuDNN 9, matching current onnxruntime-gpu wheels (torch's CUDA
-# wheels bring their own CUDA libraries). Host needs the NVIDIA driver for CUDA 13 and the
-# NVIDIA Container Toolkit. For an older driver use e.g.
-#   --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# CUDA comes ONCE, from pip: torch's PyPI wheels for Linux x86_64 depend on NVIDIA's CUDA
+# runtime, cuBLAS, cuDNN ... wheels (CUDA 13 / cuDNN 9 for torch 2.14) and load those, never a
+# system CUDA, so a CUDA base image would be a second, unused copy (~3 GB). onnxruntime-gpu
+# (CUDA 13 / cuDNN 9 builds) uses the same libraries, loaded when torch is imported first, as
+# models/onnx_export.py does. The host needs only the NVIDIA driver (CUDA 13: driver >= 580)
+# and the NVIDIA Container Toolkit. Older driver: CUDA 12 wheels, e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   (pytorch.org lists the CUDA builds of a release)
+# (and an onnxruntime-gpu built for CUDA 12 if you use the ONNX backend).
+# The CPU flavour's build machine must reach download.pytorch.org (or set TORCH_INDEX_URL to
+# a mirror of that index); everything else comes from PyPI.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------- base: Python + runtime libs
 FROM ${BASE_IMAGE} AS base
@@ -27,7 +33,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-# python:*-slim images have Python; CUDA (Ubuntu) images get the distribution's python3.
+# python:*-slim images have Python; another Debian/Ubuntu BASE_IMAGE gets the distribution's python3.
+# (Never an nvidia/cuda base together with CUDA torch wheels: CUDA twice.)
 # libgl1/libglib2.0-0: OpenCV (pulled in by groundingdino-py) needs them at import.
 RUN set -eux; \
     pkgs="ca-certificates libgl1 libglib2.0-0 libgomp1"; \
@@ -50,7 +57,8 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --upgrade pip "setuptools>=68" wheel
 
 # torch first, pinned (the versions the project is tested with). Empty TORCH_INDEX_URL = PyPI
-# (CUDA builds on Linux x86_64); the CPU flavour uses the CPU wheel index: same version, no CUDA.
+# (CUDA builds on Linux x86_64, with their CUDA libraries as pip wheels); the CPU flavour uses
+# the CPU wheel index: same version, no CUDA.
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=
@@ -81,7 +89,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     ZSI_DATA_DIR=/data \
     ZSI_DEVICE=auto \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER app
 WORKDIR /home/app
 

@@ -30,7 +30,7 @@ def test_inspect_demo_writes_overlay_and_labels_output(
     assert record["decision"] in {"normal", "anomalous"}
     assert record["threshold"] == 0.5
     overlay = Image.open(record["overlay"])
-    assert overlay.size == (90, 70)
+    assert overlay.size[0] >= 90 and overlay.size[1] > 70  # a small image: legend strip below it
     assert Image.open(record["map"]).mode == "L"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.test_dockerfile import arg_defaults, dockerignore_allows
+from tests.deploy.test_dockerfile import arg_defaults, dockerignore_allows, installs_cuda_twice
 
 REPO = Path(__file__).resolve().parents[2]
 API = ("api-gpu", "api-cpu")
@@ -125,6 +125,46 @@ def test_build_arguments_match_the_dockerfile() -> None:
     assert cpu["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert "onnx-gpu" not in cpu["args"]["EXTRAS"] and "onnx" in cpu["args"]["EXTRAS"].split(",")
     assert SERVICES["api-gpu"]["image"] != SERVICES["api-cpu"]["image"]
+    for b in (gpu, cpu):  # CUDA once: never a CUDA base image together with CUDA torch wheels
+        full = {**declared, **b["args"]}
+        assert not installs_cuda_twice(full["BASE_IMAGE"], full["TORCH_INDEX_URL"]), b["args"]
+
+
+def default_of(value: object) -> str | None:
+    """What Compose makes of ``value`` with nothing set in the environment (``${VAR:-default}``)."""
+    if value is None:
+        return None
+    text = str(value)
+    return re.sub(r"\$\{[A-Z_][A-Z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", text)
+
+
+def all_services() -> dict[str, Any]:
+    out = dict(SERVICES)
+    out.update({f"scale:{k}": v for k, v in load(REPO / "docker/compose.scale.yml")["services"].items()})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(all_services()))
+def test_default_limits_fit_any_host(name: str) -> None:
+    """Docker refuses to start a container whose CPU limit exceeds the host's CPUs: by default no
+    service may ask for more than 1 CPU, and the API has no cap at all unless ZSI_API_CPUS says so."""
+    limits = (all_services()[name].get("deploy") or {}).get("resources", {}).get("limits", {})
+    cpus = default_of(limits.get("cpus"))
+    if cpus is not None:
+        assert float(cpus) <= 1.0, f"{name}: default cpus limit {cpus} can exceed a small host"
+
+
+@pytest.mark.parametrize("name", API)
+def test_api_limits_are_opt_in(name: str) -> None:
+    limits = SERVICES[name]["deploy"]["resources"]["limits"]
+    assert limits["cpus"] == "${ZSI_API_CPUS:-0}"  # 0 = no limit (Compose sets none)
+    assert default_of(limits["memory"]) == "0" and str(limits["memory"]).startswith("${ZSI_API_MEMORY")
+    documented = env_example()
+    for var in ("ZSI_API_CPUS", "ZSI_API_MEMORY_CPU", "ZSI_API_MEMORY_GPU"):
+        # docker/env.example copied to .env must not bring a cap back
+        assert documented[var] in ("", "0"), f"{var}={documented[var]} in docker/env.example"
+    doc = (REPO / "docs/deploy.md").read_text(encoding="utf-8")
+    assert "ZSI_API_CPUS" in doc and "no limit" in doc
 
 
 def test_weights_tool_writes_the_volume_the_api_reads() -> None:

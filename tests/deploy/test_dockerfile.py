@@ -121,14 +121,40 @@ def test_multi_stage_build_with_builder_and_runtime() -> None:
     assert not any("build-essential" in i.args for i in of("RUN", final_stage()))
 
 
-def test_gpu_base_by_default_and_cpu_flavour_by_build_argument() -> None:
+def torch_wheels_bring_cuda(index_url: str) -> bool:
+    """PyPI's Linux torch wheels (empty index) and the ``/whl/cuXXX`` indexes ship CUDA libraries."""
+    return index_url == "" or bool(re.search(r"/whl/cu\d+", index_url))
+
+
+def installs_cuda_twice(base_image: str, torch_index_url: str) -> bool:
+    return base_image.startswith("nvidia/cuda:") and torch_wheels_bring_cuda(torch_index_url)
+
+
+def test_gpu_flavour_by_default_with_one_copy_of_cuda() -> None:
+    """Default build = GPU: CUDA comes once, from torch's PyPI wheels, not also from the base image."""
     args = arg_defaults()
-    base = args["BASE_IMAGE"]
-    assert base.startswith("nvidia/cuda:") and "runtime" in base and "cudnn" in base
     assert of("FROM")[0].args.startswith("${BASE_IMAGE}")
-    assert args["TORCH_INDEX_URL"] == ""  # PyPI: CUDA wheels
+    assert args["BASE_IMAGE"].startswith("python:3.11-slim")  # no CUDA in the base image
+    assert args["TORCH_INDEX_URL"] == ""  # PyPI: CUDA wheels (they bring the CUDA runtime and cuDNN)
+    assert torch_wheels_bring_cuda(args["TORCH_INDEX_URL"])
+    assert not installs_cuda_twice(args["BASE_IMAGE"], args["TORCH_INDEX_URL"])
+    assert "onnx-gpu" in args["EXTRAS"]
+    # the GPU runtime hook gets what it needs without a CUDA base image
+    env = " ".join(i.args for i in of("ENV", final_stage()))
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert "download.pytorch.org/whl/cpu" in text and "python:3.11-slim" in text  # documented CPU build
+
+
+def test_cuda_twice_is_recognised() -> None:
+    assert installs_cuda_twice("nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04", "")
+    assert installs_cuda_twice(
+        "nvidia/cuda:12.8.1-runtime-ubuntu24.04", "https://download.pytorch.org/whl/cu128"
+    )
+    assert not installs_cuda_twice(
+        "nvidia/cuda:13.0.1-runtime-ubuntu24.04", "https://download.pytorch.org/whl/cpu"
+    )
+    assert not installs_cuda_twice("python:3.11-slim-bookworm", "")
 
 
 def test_torch_pinned_like_the_install_script() -> None:

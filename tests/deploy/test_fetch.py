@@ -6,10 +6,12 @@ files; nothing leaves the machine.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -35,6 +37,11 @@ class FileServer:
 
     files: dict[str, bytes] = field(default_factory=dict)
     honour_range: bool = True
+    #: one entry per coming request: send the full headers but only this many body bytes, then
+    #: drop the connection (a flaky network); requests after the list is used up are served whole
+    drops: list[int] = field(default_factory=list)
+    #: drop with a TCP reset (the client sees ECONNRESET) instead of an orderly close
+    reset: bool = False
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     port: int = 0
 
@@ -71,6 +78,17 @@ def server() -> Iterator[FileServer]:
                 self.send_response(200)
             self.send_header("Content-Length", str(len(body) - start))
             self.end_headers()
+            if state.drops:
+                cut = state.drops.pop(0)
+                self.wfile.write(body[start : start + cut])
+                self.wfile.flush()
+                self.close_connection = True
+                if state.reset:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                else:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.wfile.write(body[start:])
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -299,6 +317,186 @@ def test_partial_file_of_unknown_size_that_is_complete_gets_416_and_is_kept(
     assert res.verified and (tmp_path / "z.pt").read_bytes() == body
 
 
+# ------------------------------------------------------------------ dropped connections
+
+
+def test_dropped_connection_resumes_with_a_range_request_in_the_same_run(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(fetch, "_sleep", slept.append)
+    body = blob(200_000, 20)
+    server.files["d.pt"] = body
+    server.drops = [70_000]  # the first answer stops after 70 kB
+    spec = FileSpec(path="d.pt", url=server.url("d.pt"), size=len(body), sha256=sha256(body))
+    res = download_file(spec, tmp_path)
+    assert server.requests == [("/d.pt", None), ("/d.pt", "bytes=70000-")]
+    assert res.verified and res.retries == 1 and res.bytes_downloaded == len(body)
+    assert (tmp_path / "d.pt").read_bytes() == body and not (tmp_path / "d.pt.part").exists()
+    assert slept == [fetch.BACKOFF_S]
+
+
+def test_retries_back_off_then_the_partial_file_is_kept_for_the_next_run(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(fetch, "_sleep", slept.append)
+    body = blob(150_000, 21)
+    server.files["k.pt"] = body
+    server.drops = [40_000, 10_000, 10_000, 10_000]
+    spec = FileSpec(path="k.pt", url=server.url("k.pt"), size=len(body), sha256=sha256(body))
+    with pytest.raises(fetch.IncompleteDownload, match="kept") as info:
+        download_file(spec, tmp_path, retries=3, backoff=0.5)
+    assert not isinstance(info.value, ChecksumError)
+    assert slept == [0.5, 1.0, 2.0]  # exponential backoff between the retries
+    part = tmp_path / "k.pt.part"
+    assert part.read_bytes() == body[:70_000]  # kept, not deleted as a "size mismatch"
+    assert not (tmp_path / "k.pt").exists()
+    # the next run resumes where this one stopped
+    res = download_file(spec, tmp_path)
+    assert res.resumed_from == 70_000 and res.verified
+    assert server.requests[-1] == ("/k.pt", "bytes=70000-")
+    assert (tmp_path / "k.pt").read_bytes() == body
+
+
+def test_reset_connection_is_retried_too(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "_sleep", lambda s: None)
+    body = blob(400_000, 25)
+    server.files["r.pt"] = body
+    server.drops, server.reset = [100_000, 50_000], True
+    spec = FileSpec(path="r.pt", url=server.url("r.pt"), size=len(body), sha256=sha256(body))
+    res = download_file(spec, tmp_path)
+    assert res.verified and res.retries == 2 and len(server.requests) == 3
+    assert (tmp_path / "r.pt").read_bytes() == body
+
+
+def test_dropped_connection_without_content_length_check_uses_the_manifest_size(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short file whose size the manifest knows is an interrupted download, not a wrong file."""
+    monkeypatch.setattr(fetch, "_sleep", lambda s: None)
+    body = blob(60_000, 22)
+    server.files["n.pt"] = body[:25_000]  # the server has only part of it (e.g. a mirror mid-sync)
+    spec = FileSpec(path="n.pt", url=server.url("n.pt"), size=len(body), sha256=sha256(body))
+    with pytest.raises(fetch.IncompleteDownload):
+        download_file(spec, tmp_path, retries=1)
+    assert (tmp_path / "n.pt.part").read_bytes() == body[:25_000]
+
+
+def test_cli_keeps_the_partial_download_and_says_how_to_resume(
+    server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = blob(120_000, 23)
+    server.files["c.pt"] = body
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        {
+            "c": {
+                "file": "c.pt",
+                "url": server.url("c.pt"),
+                "size": len(body),
+                "sha256": sha256(body),
+                "licence": "t",
+                "used_by": [],
+            }
+        },
+    )
+    wd = tmp_path / "weights"
+    server.drops = [30_000]
+    argv = ["--manifest", str(manifest), "fetch", "c", "--dir", str(wd), "--quiet"]
+    rc, _, err = run_cli([*argv, "--retries", "0"], capsys)
+    assert rc == 1
+    assert "kept" in err and str(wd / "c.pt.part") in err and "run the same command again" in err
+    assert (wd / "c.pt.part").stat().st_size == 30_000
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert "resumed at 30.0 kB" in out and (wd / "c.pt").read_bytes() == body
+
+
+# ------------------------------------------------------------------ mirror / base URL
+
+
+def test_mirror_base_url_is_tried_first_under_the_manifest_path(
+    two_entries: tuple[Path, dict[str, bytes]],
+    server: FileServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest, data = two_entries
+    server.files["plant-mirror/ckpt/model-a.pt"] = data["ckpt/model-a.pt"]
+    wd = tmp_path / "weights"
+    argv = ["--manifest", str(manifest), "fetch", "model-a", "--dir", str(wd), "--quiet"]
+    rc, _, err = run_cli([*argv, "--mirror", server.url("plant-mirror/")], capsys)
+    assert rc == 0, err
+    assert server.requests == [("/plant-mirror/ckpt/model-a.pt", None)]  # the official URL not needed
+    assert (wd / "ckpt/model-a.pt").read_bytes() == data["ckpt/model-a.pt"]
+
+
+def test_mirror_from_the_environment_and_a_local_folder(
+    two_entries: tuple[Path, dict[str, bytes]],
+    server: FileServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest, data = two_entries
+    usb = tmp_path / "usb"  # a copied weights folder (air-gapped plant)
+    (usb / "ckpt").mkdir(parents=True)
+    (usb / "ckpt/model-a.pt").write_bytes(data["ckpt/model-a.pt"])
+    monkeypatch.setenv("ZSI_WEIGHTS_MIRROR", str(usb))
+    wd = tmp_path / "weights"
+    rc, out, err = run_cli(["--manifest", str(manifest), "fetch", "model-a", "--dir", str(wd)], capsys)
+    assert rc == 0, err
+    assert "verified" in out and server.requests == []
+    assert (wd / "ckpt/model-a.pt").read_bytes() == data["ckpt/model-a.pt"]
+    # a file the mirror lacks: falls through to the manifest URL, not reported as "no network"
+    rc, _, err = run_cli(["--manifest", str(manifest), "fetch", "tok", "--dir", str(wd), "--quiet"], capsys)
+    assert rc == 0, err
+    assert [p for p, _ in server.requests] == ["/tok/config.json", "/tok/model.safetensors"]
+
+
+def test_mirror_and_manifest_options_are_documented() -> None:
+    parser = fetch.build_parser()
+    top = parser.format_help()
+    assert "--manifest" in top
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    fetch_help = sub.choices["fetch"].format_help()
+    assert "--mirror" in fetch_help and "ZSI_WEIGHTS_MIRROR" in fetch_help and "--retries" in fetch_help
+    doc = (REPO / "docs/deploy.md").read_text(encoding="utf-8")
+    assert "--mirror" in doc and "ZSI_WEIGHTS_MIRROR" in doc
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_one_size_unit_everywhere(
+    server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = blob(2_500_000, 24)
+    server.files["u.pt"] = body
+    manifest = write_manifest(
+        tmp_path / "m.json",
+        {
+            "u": {
+                "file": "u.pt",
+                "url": server.url("u.pt"),
+                "size": len(body),
+                "sha256": sha256(body),
+                "licence": "t",
+                "used_by": [],
+            }
+        },
+    )
+    rc, out, err = run_cli(["--manifest", str(manifest), "fetch", "u", "--dir", str(tmp_path / "w")], capsys)
+    assert rc == 0, err
+    assert "downloaded 2.5 MB" in out
+    assert "2.50M/2.50M" in err  # the progress bar counts in the same (decimal) megabytes
+    assert "2.38" not in out + err and "MiB" not in out + err and "KB" not in out + err
+    assert fetch._human(1_500) == "1.5 kB" and fetch._human(2_564_550_879) == "2.6 GB"
+
+
 # ------------------------------------------------------------------ checksums
 
 
@@ -442,22 +640,36 @@ def test_mirror_is_tried_when_the_main_url_fails(server: FileServer, tmp_path: P
 
 
 def test_verify_reports_ok_mismatch_and_missing(
-    two_entries: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    two_entries: tuple[Path, dict[str, bytes]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("ZSI_METHODS", raising=False)
     manifest, data = two_entries
     wd = tmp_path / "weights"
-    rc, out, _ = run_cli(["--manifest", str(manifest), "verify", "--dir", str(wd)], capsys)
-    assert rc == 0 and out.count("MISSING") == 3  # nothing asked for explicitly: report only
-    rc, out, _ = run_cli(["--manifest", str(manifest), "verify", "model-a", "--dir", str(wd)], capsys)
-    assert rc == 1 and "MISSING" in out
+    base = ["--manifest", str(manifest), "verify", "--dir", str(wd)]
+    # nothing named: the weights of ZSI_METHODS (default winclip) are required; all missing -> 4
+    rc, out, _ = run_cli(base, capsys)
+    assert rc == fetch.EXIT_MISSING == 4 and "MISSING   model-a" in out and "tok" not in out.split("\n")[0]
+    rc, out, _ = run_cli([*base, "model-a"], capsys)
+    assert rc == 4 and "MISSING" in out
+    rc, out, _ = run_cli([*base, "--all"], capsys)
+    assert rc == 4 and out.count("MISSING ") == 3
     assert (
         run_cli(["--manifest", str(manifest), "fetch", "--all", "--dir", str(wd), "--quiet"], capsys)[0] == 0
     )
-    rc, out, _ = run_cli(["--manifest", str(manifest), "verify", "--dir", str(wd)], capsys)
-    assert rc == 0 and out.count("OK") == 2 and "UNCHECKED" in out  # config.json: size only
+    rc, out, _ = run_cli([*base, "--all"], capsys)
+    assert rc == 0 and out.count("OK ") == 2 and "UNCHECKED" in out  # config.json: size only
+    (wd / "tok/config.json").unlink()
+    rc, out, _ = run_cli(base, capsys)
+    assert rc == 0  # winclip needs only model-a
+    monkeypatch.setenv("ZSI_METHODS", "winclip,saa_plus")
+    rc, out, _ = run_cli(base, capsys)
+    assert rc == 4 and "MISSING   tok" in out
     (wd / "ckpt/model-a.pt").write_bytes(data["ckpt/model-a.pt"][:-1] + b"x")
-    rc, out, _ = run_cli(["--manifest", str(manifest), "verify", "--dir", str(wd)], capsys)
-    assert rc == 1 and "MISMATCH  model-a" in out
+    rc, out, _ = run_cli(base, capsys)
+    assert rc == fetch.EXIT_FAILED == 1 and "MISMATCH  model-a" in out  # a bad file outranks a missing one
 
 
 def test_list_json_of_the_real_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

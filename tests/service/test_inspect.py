@@ -101,9 +101,9 @@ def test_png_output_is_the_overlay_with_headers(app_client):
     assert float(r.headers["x-anomaly-score"]) == pytest.approx(j["score"], abs=1e-5)
     assert r.headers["x-decision"] == j["decision"] and r.headers["x-demo"] == "true"
     with Image.open(io.BytesIO(r.content)) as im:
-        assert im.size == (56, 40) and im.mode == "RGB"
+        assert im.size[0] >= 56 and im.size[1] > 40 and im.mode == "RGB"  # small: legend strip below
         over = np.asarray(im)
-    assert not np.array_equal(over, img)
+    assert not np.array_equal(over[:40, :56], img)
 
 
 @pytest.mark.parametrize(
