@@ -18,6 +18,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from models.base import RANDOM_INIT, WeightsError, check_image
@@ -144,6 +145,60 @@ def create_clip(
     )
 
 
+#: how an image of any aspect ratio becomes the square input of a tower
+FIT_MODES = ("squash", "pad")
+
+
+@dataclass(frozen=True)
+class SquareFit:
+    """Where an ``(H, W)`` image lies in the ``size x size`` processing frame.
+
+    ``squash`` (every reference's default): the whole frame, aspect ratio not kept.
+    ``pad``: resized to ``height x width`` with the aspect ratio kept, at ``(top, left)``;
+    the rest of the frame is black padding.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def square_fit(height: int, width: int, size: int, fit: str = "squash") -> SquareFit:
+    """The :class:`SquareFit` of an ``height x width`` image in a ``size x size`` frame.
+
+    ``pad`` follows open_clip's ``ResizeMaxSize`` (the AnomalyCLIP reference's
+    ``image_transform(resize_longest_max=True)``): ``scale = size / max(H, W)``, sides
+    ``round(side * scale)`` (Python rounding), padding split ``pad // 2`` before and the
+    rest after. Unlike ``ResizeMaxSize`` the frame is also padded when the long side
+    already equals ``size`` (it then returns a non-square image).
+    """
+    if fit == "squash":
+        return SquareFit(0, 0, size, size)
+    if fit != "pad":
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    scale = size / float(max(height, width))
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return SquareFit((size - h) // 2, (size - w) // 2, h, w)
+
+
+def _uint8_chw(img: np.ndarray) -> torch.Tensor:
+    """``HWC uint8`` numpy -> ``[1, 3, H, W]`` uint8 tensor (a view where the array allows)."""
+    arr = np.ascontiguousarray(img)
+    if not arr.flags.writeable:  # torch.from_numpy wants a writeable buffer
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def normalise(
+    x: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of ``[B, 3, H, W]`` float32 (torchvision ``Normalize``)."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 def preprocess(
     images: list[np.ndarray],
     size: int,
@@ -151,28 +206,71 @@ def preprocess(
     std: tuple[float, float, float] = OPENAI_STD,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """``HWC uint8 RGB`` images -> normalised ``[B, 3, size, size]`` float32.
+    """``HWC uint8 RGB`` images -> normalised ``[B, 3, size, size]`` float32, as anomalib 2.7's WinCLIP.
 
-    Bicubic resize with antialias to a square (no aspect keep, as the reference),
-    then OpenAI mean/std.
+    Each image alone, exactly as anomalib 2.7 reads it (``read_image(as_tensor=True)``:
+    torchvision ``to_dtype(scale=True)``, i.e. ``x * (1 / 255)`` in float32, not ``x / 255``)
+    and pre-processes it (``WinClip.configure_pre_processor``: torchvision v2
+    ``Resize((size, size), BICUBIC, antialias=True)`` on the FLOAT image, skipped when it
+    already has that size, then ``Normalize``). The float resize neither rounds nor clamps
+    (values may overshoot [0, 1] at edges, as in the reference). The image is squashed to
+    a square (no aspect keep), as the reference.
     """
     batch = []
     for i, img in enumerate(images):
         check_image(img, f"image {i}")
-        t = (
-            torch.from_numpy(np.array(img, copy=not img.flags.writeable, order="C"))
-            .permute(2, 0, 1)
-            .unsqueeze(0)
-            .float()
-            .div_(255.0)
-        )  # [1,3,H,W]
+        t = _uint8_chw(img).to(torch.float32).mul_(1.0 / 255)  # [1, 3, H, W] in [0, 1]
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         batch.append(t)
-    x = torch.cat(batch).to(device)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalise(torch.cat(batch), mean, std).to(device)
+
+
+def pil_resize(img: np.ndarray, height: int, width: int, resample: str = "bicubic") -> np.ndarray:
+    """PIL's resize of an ``HWC`` (or ``HW``) uint8 image to ``height x width`` (uint8, PIL's rounding).
+
+    This is what torchvision ``Resize`` does on a PIL image (any version): PIL's
+    antialiased convolution (support scaled by the reduction factor), fixed-point
+    arithmetic, rounded and clipped to uint8. ``resample``: ``bicubic`` or ``bilinear``.
+    """
+    filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    if (int(img.shape[0]), int(img.shape[1])) == (height, width):
+        return img
+    out = Image.fromarray(np.ascontiguousarray(img)).resize((width, height), filters[resample])
+    return np.asarray(out)
+
+
+def preprocess_pil(
+    images: list[np.ndarray],
+    size: int,
+    mean: tuple[float, float, float] = OPENAI_MEAN,
+    std: tuple[float, float, float] = OPENAI_STD,
+    device: str | torch.device = "cpu",
+    *,
+    fit: str = "squash",
+) -> torch.Tensor:
+    """``HWC uint8 RGB`` images -> normalised ``[B, 3, size, size]`` float32, as zqhang/AnomalyCLIP.
+
+    Each image alone, as the reference's ``utils.get_transform``: torchvision
+    ``Resize((size, size), BICUBIC)`` on the PIL image (PIL's bicubic resize of the uint8
+    image, rounded to uint8), ``CenterCrop(size)`` (a no-op after it), ``ToTensor``
+    (``x / 255``), ``Normalize(mean, std)``.
+
+    Args:
+        fit: ``squash`` (reference; aspect ratio not kept) or ``pad`` (aspect ratio kept,
+            black padding: see :func:`square_fit`).
+    """
+    batch = []
+    for i, img in enumerate(images):
+        check_image(img, f"image {i}")
+        box = square_fit(int(img.shape[0]), int(img.shape[1]), size, fit)
+        resized = pil_resize(img, box.height, box.width, "bicubic")  # [h, w, 3] uint8
+        if (box.height, box.width) != (size, size):
+            frame = np.zeros((size, size, 3), dtype=np.uint8)
+            frame[box.top : box.top + box.height, box.left : box.left + box.width] = resized
+            resized = frame
+        batch.append(_uint8_chw(resized).to(torch.float32).div_(255.0))  # [1, 3, S, S] in [0, 1]
+    return normalise(torch.cat(batch), mean, std).to(device)
 
 
 def text_tower_context_trim(tokens: torch.Tensor) -> int:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from models.clip_backbone import OPENAI_MEAN, OPENAI_STD, preprocess
+from models.clip_backbone import OPENAI_MEAN, OPENAI_STD, pil_resize, preprocess_pil
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 LAYOUTS = ("auto", "mvtec", "visa", "visa-csv")
@@ -101,9 +100,11 @@ def discover_samples(root: str | Path, *, layout: str = "auto", split: str = "te
 class AnomalyDataset(torch.utils.data.Dataset):
     """Images and masks at the training resolution.
 
-    Items: ``pixels`` float32 ``[3, S, S]`` (bicubic resize, OpenAI mean/std), ``mask``
-    float32 ``[S, S]`` in {0, 1} (resized then thresholded at 0.5, as the reference),
-    ``label`` int64 (0 normal, 1 anomalous).
+    As the reference's ``get_transform`` + ``Dataset``: ``pixels`` float32 ``[3, S, S]``
+    (PIL bicubic resize of the uint8 image, ``/ 255``, OpenAI mean/std: the detector's
+    :func:`models.clip_backbone.preprocess_pil`); ``mask`` float32 ``[S, S]`` in {0, 1}
+    (the 0/255 mask, PIL bilinear resize, ``/ 255``, ``> 0.5``); ``label`` int64
+    (0 normal, 1 anomalous).
     """
 
     def __init__(self, samples: list[Sample], image_size: int) -> None:
@@ -116,13 +117,11 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.samples[index]
         img = np.asarray(Image.open(s.image).convert("RGB"))
-        pixels = preprocess([img], self.image_size, OPENAI_MEAN, OPENAI_STD)[0]  # [3, S, S]
+        pixels = preprocess_pil([img], self.image_size, OPENAI_MEAN, OPENAI_STD)[0]  # [3, S, S]
         if s.label and s.mask is not None:
-            m = torch.from_numpy((np.asarray(Image.open(s.mask).convert("L")) > 0).astype(np.float32))
-            m = F.interpolate(
-                m[None, None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False
-            )[0, 0]
-            mask = (m > 0.5).float()
+            m = (np.asarray(Image.open(s.mask).convert("L")) > 0).astype(np.uint8) * 255  # [H, W] 0/255
+            m = pil_resize(m, self.image_size, self.image_size, "bilinear")  # [S, S] uint8
+            mask = (torch.tensor(m, dtype=torch.float32) / 255.0 > 0.5).float()
         else:
             mask = torch.zeros(self.image_size, self.image_size)
         return {"pixels": pixels, "mask": mask, "label": torch.tensor(s.label, dtype=torch.long)}

@@ -41,7 +41,7 @@ from models.base import (
     WeightsError,
     check_image,
 )
-from models.clip_backbone import ClipBackbone, create_clip, preprocess
+from models.clip_backbone import FIT_MODES, ClipBackbone, create_clip, preprocess_pil, square_fit
 from models.weights import fetch_hint, manifest
 
 if TYPE_CHECKING:
@@ -58,13 +58,21 @@ PROMPT_WEIGHTS_NAMES = {
 }
 DEFAULT_PROMPTS = "visa"
 
-#: architectures by name (open_clip name of the model actually built, processing size, layers)
+#: architectures by name (open_clip name of the model actually built, processing size, layers).
+#: Feature layers: the top block only, as the official ``test.sh``/``train.sh`` since
+#: 2025-04-13 (``--features_list 24``); see docs/anomalyclip.md.
 ARCHS: dict[str, AnomalyClipArch] = {
     # OpenAI weights need QuickGELU: open_clip's plain "ViT-L-14-336" config uses nn.GELU
     DEFAULT_BACKBONE: AnomalyClipArch(
-        clip_model="ViT-L-14-336-quickgelu", image_size=518, feature_layers=(6, 12, 18, 24)
+        clip_model="ViT-L-14-336-quickgelu",
+        image_size=518,
+        feature_layers=(24,),
+        multi_feature_layers=(6, 12, 18, 24),
     ),
-    TINY_BACKBONE: AnomalyClipArch(clip_model=TINY_BACKBONE, image_size=70, feature_layers=(6, 7)),
+    # 7 blocks, dual path from block 6: block 7 is the top, (6, 7) the multi-layer variant
+    TINY_BACKBONE: AnomalyClipArch(
+        clip_model=TINY_BACKBONE, image_size=70, feature_layers=(7,), multi_feature_layers=(6, 7)
+    ),
 }
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,7 +175,13 @@ class AnomalyClipDetector(Detector):
         prompt_tag: name of the prompt weights (file tag or ``random-init``).
         arch: :class:`AnomalyClipArch` of the backbone.
         image_size: processing resolution (default ``arch.image_size``, 518 for ViT-L).
-        feature_layers: blocks whose V-V tokens make the map (default ``arch.feature_layers``).
+        feature_layers: blocks whose V-V tokens make the map (default ``arch.feature_layers``:
+            the top block, as the official code; ``arch.multi_feature_layers`` = the
+            four-layer mean of the 2024 release).
+        fit: how an image becomes the square input: ``squash`` (reference: PIL bicubic to
+            ``image_size x image_size``, aspect ratio not kept) or ``pad`` (aspect ratio
+            kept, black borders; the map is cropped back to the image). See
+            :func:`models.clip_backbone.square_fit`.
         cache: where text embeddings are kept (default: in-process LRU).
         precision: ``fp32`` (default), ``bf16`` (autocast; CPU or CUDA) or ``fp16`` (CUDA).
         sigma: Gaussian blur of the map at the processing resolution (reference: 4).
@@ -190,7 +204,10 @@ class AnomalyClipDetector(Detector):
         precision: str = "fp32",
         prompts_random: bool = False,
         sigma: float = BLUR_SIGMA,
+        fit: str = "squash",
     ) -> None:
+        if fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
         if precision == "fp16" and not str(device).startswith("cuda"):
@@ -205,6 +222,7 @@ class AnomalyClipDetector(Detector):
         self.random_weights = bool(backbone.random_weights or prompts_random)
         self.precision = precision
         self.sigma = float(sigma)
+        self.fit = fit
         self.image_size = int(image_size or arch.image_size)
         self.encoder = DpamVisualEncoder(
             visual=self.clip.visual,
@@ -284,14 +302,17 @@ class AnomalyClipDetector(Detector):
         t0 = time.perf_counter()
         text = self.text_embeddings()
         t1 = time.perf_counter()
-        pixels = preprocess(list(images), self.image_size, self.backbone.mean, self.backbone.std, self.device)
+        pixels = preprocess_pil(
+            list(images), self.image_size, self.backbone.mean, self.backbone.std, self.device, fit=self.fit
+        )
         t2 = time.perf_counter()
         scores, maps = self.score_pixels(pixels, text)
         t3 = time.perf_counter()
         out_maps = []
         for i, img in enumerate(images):
             h, w = int(img.shape[0]), int(img.shape[1])
-            m = maps[i]
+            box = square_fit(h, w, self.image_size, self.fit)
+            m = maps[i, box.top : box.top + box.height, box.left : box.left + box.width]  # the image's part
             if (h, w) != tuple(m.shape):
                 shrink = h < m.shape[0] or w < m.shape[1]
                 m = F.interpolate(
@@ -305,6 +326,7 @@ class AnomalyClipDetector(Detector):
         details = {
             "precision": self.precision,
             "image_size": self.image_size,
+            "fit": self.fit,
             "feature_layers": list(self.encoder.feature_layers),
             "prompt_checkpoint": self.prompt_tag,
             "batch_size": len(images),
@@ -330,6 +352,7 @@ class AnomalyClipDetector(Detector):
             **super().describe(),
             "precision": self.precision,
             "image_size": self.image_size,
+            "fit": self.fit,
             "feature_layers": list(self.encoder.feature_layers),
             "prompt_checkpoint": self.prompt_tag,
             "prompt_digest": self.checkpoint_digest,
@@ -412,6 +435,7 @@ def build_anomalyclip(
     precision: str = "fp32",
     image_size: int | None = None,
     feature_layers: Sequence[int] | None = None,
+    fit: str = "squash",
     seed: int = 0,
     **_: Any,
 ) -> AnomalyClipDetector:
@@ -425,7 +449,9 @@ def build_anomalyclip(
         backbone: ``ViT-L-14-336`` (reference) or ``tiny-vitl-test`` (tests).
         prompt_checkpoint: ``visa`` (default) or ``mvtec``: which manifest entry.
         image_size: processing size (default 518 for ViT-L).
-        feature_layers: blocks giving the patch maps (default 6, 12, 18, 24).
+        feature_layers: blocks giving the patch maps (default 24 only, as the official
+            code since 2025-04-13; ``(6, 12, 18, 24)`` = the four-layer mean).
+        fit: ``squash`` (reference, default) or ``pad`` (keep the aspect ratio).
         seed: seed of random-init weights.
         **_: other options are accepted and ignored.
     """
@@ -452,4 +478,5 @@ def build_anomalyclip(
         cache=cache,
         precision=precision,
         prompts_random=random_prompts,
+        fit=fit,
     )

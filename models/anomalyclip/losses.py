@@ -11,7 +11,7 @@ import torch.nn.functional as F
 FOCAL_GAMMA = 2.0
 FOCAL_SMOOTH = 1e-5
 DICE_SMOOTH = 1.0
-PIXEL_LOSS_WEIGHT = 4.0  # reference train.py: lam = 4
+PIXEL_LOSS_WEIGHT = 4.0  # official train.py: lam = 4 (pixel losses only; the image CE is not scaled)
 
 
 def focal_loss(

@@ -35,7 +35,10 @@ class AnomalyClipArch:
     Attributes:
         clip_model: open_clip architecture name (QuickGELU variant for OpenAI weights).
         image_size: processing resolution (reference: 518, i.e. a 37x37 grid at patch 14).
-        feature_layers: 1-indexed blocks whose V-V tokens give patch maps.
+        feature_layers: 1-indexed blocks whose V-V tokens give patch maps (default of the
+            detector and of training: the top block, as the official ``--features_list 24``).
+        multi_feature_layers: the multi-layer variant (ViT-L: 6, 12, 18, 24, the official
+            setting before 2025-04-13), an option.
         dpam_start: first block (1-indexed) on the dual path; blocks before it are plain.
         n_ctx: learnable context tokens per prompt (reference ``--n_ctx 12``).
         deep_prompt_depth: reference ``--depth 9`` = 8 deep prompts for text layers 2..9.
@@ -45,6 +48,7 @@ class AnomalyClipArch:
     clip_model: str
     image_size: int
     feature_layers: tuple[int, ...]
+    multi_feature_layers: tuple[int, ...] = ()
     dpam_start: int = 6
     n_ctx: int = 12
     deep_prompt_depth: int = 9
@@ -468,9 +472,9 @@ def anomaly_maps(
     """Pixel maps ``[B, size, size]`` in [0, 1] from the patch embeddings of the feature layers.
 
     Per layer ``(P_abn + 1 - P_norm) / 2`` of the upsampled probabilities; the layers
-    are averaged (reference code: ``test.py`` SUMS the maps of layers 6, 12, 18, 24;
-    the mean ranks pixels identically and keeps the map in [0, 1]); then the
-    Gaussian blur.
+    are averaged (reference code: ``test.py`` SUMS the maps of its ``--features_list``,
+    since 2025-04-13 layer 24 alone; with several layers the mean ranks pixels as the
+    sum and keeps the map in [0, 1]); then the Gaussian blur.
     """
     per_layer = [
         anomaly_map_from_probabilities(patch_probability_maps(p, text, grid, size)) for p in patch_embeddings

@@ -1,9 +1,11 @@
 """Train the AnomalyCLIP prompt learner on an auxiliary dataset (METHODS.md section 2).
 
 Only the prompts train; CLIP is frozen and the image side runs without gradients.
-Loss (reference ``train.py``): ``CE(image logits / 0.07, label) + 4 * sum over the
-feature layers (6, 12, 18, 24) of focal(P, gt) + dice(P_abn, gt) + dice(P_norm, 1 - gt)``
-with ``P`` the per-patch probabilities upsampled bilinearly to the image size.
+Loss (official ``train.py``, ``lam = 4``): ``CE(image logits / 0.07, label) + 4 * sum over
+the feature layers of focal(P, gt) + dice(P_abn, gt) + dice(P_norm, 1 - gt)`` with ``P``
+the per-patch probabilities upsampled bilinearly to the image size. Feature layers: 24
+only, as the official ``train.sh`` since 2025-04-13 (``--features_list 24``); the old
+four-layer setting is ``--feature-layers 6 12 18 24``.
 Adam, lr 1e-3, betas (0.5, 0.999), batch 8, 15 epochs, 518x518. Checkpoints
 ``SAVE_DIR/epoch_N.pth`` in the released format ``{"prompt_learner": state_dict}``.
 
@@ -60,7 +62,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     batch_size: int = 8
     image_size: int = 518
-    feature_layers: tuple[int, ...] = (6, 12, 18, 24)
+    feature_layers: tuple[int, ...] = (24,)  # official train.sh: --features_list 24
     seed: int = 111
     save_freq: int = 1
     max_steps: int | None = None  # stop early (smoke tests)
@@ -188,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, help="default: the backbone's (518 for ViT-L-14-336)")
-    p.add_argument("--feature-layers", type=int, nargs="+", help="default: 6 12 18 24 (ViT-L)")
+    p.add_argument(
+        "--feature-layers",
+        type=int,
+        nargs="+",
+        help="default: the top block (24 for ViT-L, as the official train.sh); 6 12 18 24 = the 2024 setting",
+    )
     p.add_argument("--seed", type=int, default=111)
     p.add_argument("--save-freq", type=int, default=1)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")

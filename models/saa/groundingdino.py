@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from models.base import WeightsError
 from models.checkpoints import read_state_dict
+from models.clip_backbone import normalise, pil_resize
 from models.weights import fetch_hint
 
 GROUNDINGDINO_WEIGHTS = "groundingdino-swint-ogc"
@@ -235,13 +236,17 @@ def dino_resize_shape(
 def dino_preprocess(
     image: np.ndarray, size: int = 800, max_size: int | None = 1333, device: str = "cpu"
 ) -> torch.Tensor:
-    """``HWC uint8 RGB`` in [0, 255] -> ``[1, 3, h, w]`` float32, resized and ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    """``HWC uint8 RGB`` in [0, 255] -> ``[1, 3, h, w]`` float32, resized and ImageNet-normalised.
+
+    As the reference's GroundingDINO transform (``RandomResize([size], max_size)``,
+    ``ToTensor``, ``Normalize``): torchvision's resize of the PIL image, i.e. PIL's
+    bilinear (antialiased) resize of the uint8 image, rounded to uint8; then ``/ 255``
+    and ImageNet mean/std.
+    """
     h, w = dino_resize_shape(image.shape[0], image.shape[1], size, max_size)
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)  # [1, 3, h, w]
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    resized = pil_resize(image, h, w, "bilinear")  # [h, w, 3] uint8
+    x = torch.tensor(resized, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0  # [1, 3, h, w]
+    return normalise(x, IMAGENET_MEAN, IMAGENET_STD).to(device)
 
 
 @dataclass(frozen=True)

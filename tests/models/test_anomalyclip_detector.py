@@ -241,14 +241,15 @@ def test_text_embeddings_computed_once_and_shared_through_the_cache() -> None:
 
 
 def test_map_at_processing_size_is_blurred_mean_of_abnormal_probabilities() -> None:
-    # given an image at the processing size (70 = 5x5 patches of 14): no final resize
-    det = tiny_detector()
+    # given an image at the processing size (70 = 5x5 patches of 14): no final resize,
+    # and the two-layer option (the tiny default is the top layer only)
+    det = tiny_detector(feature_layers=(6, 7))
     img = random_image(7, 70, 70)
     res = det.predict(img)
     # when recomputed from the encoder features with numpy
-    from models.clip_backbone import preprocess
+    from models.clip_backbone import preprocess_pil
 
-    pixels = preprocess([img], 70)
+    pixels = preprocess_pil([img], 70)
     enc = DpamVisualEncoder(visual=tiny_backbone().model.visual, feature_layers=(6, 7))
     with torch.no_grad():
         feats = enc(pixels)
