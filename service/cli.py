@@ -5,6 +5,7 @@ Subcommands:
     inspect IMAGE...    inspect image files; print scores as JSON lines, write PNG overlays
     weights ...         list / fetch / verify checkpoint files (see ``anomaly-inspect weights -h``)
     train-anomalyclip   train AnomalyCLIP prompts on an auxiliary dataset
+    db ...              records database schema: upgrade / current / heads (docs/records.md)
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ def _weights(argv: list[str]) -> int:
     return int(fetch_main(argv) or 0)
 
 
+def _db(argv: list[str]) -> int:
+    from service.records.cli import main as db_main
+
+    return int(db_main(argv) or 0)
+
+
 def _train_anomalyclip(argv: list[str]) -> int:
     from models.anomalyclip.train import main as train_main
 
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "weights", help="list / fetch / verify checkpoints (anomaly-inspect weights -h)", add_help=False
     )
+    sub.add_parser("db", help="records database schema (anomaly-inspect db -h)", add_help=False)
     sub.add_parser(
         "train-anomalyclip",
         help="train AnomalyCLIP prompts (anomaly-inspect train-anomalyclip -h)",
@@ -207,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         return _weights(argv[1:])
     if argv and argv[0] == "train-anomalyclip":
         return _train_anomalyclip(argv[1:])
+    if argv and argv[0] == "db":
+        return _db(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
