@@ -36,6 +36,13 @@ else
     echo "postgres: installing the Debian package postgresql"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+    # the package may start its own `main` cluster on 5432 (password auth on TCP): stop it,
+    # the throw-away cluster below takes the port with trust auth on 127.0.0.1
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+      pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+        $SUDO pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
+      done
+    fi
   fi
   BIN=$(pg_bin)
   [ -n "$BIN" ] || { echo "postgres: no server binaries under /usr/lib/postgresql/*/bin" >&2; exit 1; }

@@ -2,12 +2,17 @@
 
 The schema is made by Alembic (``service/migrations``, shipped inside the package), on
 SQLite too. :func:`upgrade` runs them programmatically; on PostgreSQL under a
-transaction-level advisory lock, so several workers starting at once migrate once.
+transaction-level advisory lock, on SQLite under a file lock, so several workers
+starting at once migrate once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +109,26 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Migrate the database to ``revision``; returns the revision reached."""
     from alembic import command
 
-    with engine.begin() as conn:
+    with _sqlite_file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         command.upgrade(alembic_config(conn), revision)
     return current_revision(engine)
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Several worker processes starting at once on one SQLite file migrate one after the other."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    fd = os.open(f"{database}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 __all__ = [
