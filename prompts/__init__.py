@@ -70,6 +70,11 @@ class ProductRecipe(BaseModel):
     saa: dict[str, Any] | None = Field(
         default=None, description="SAA+ prompts for this product (see METHODS.md section 3)."
     )
+    keep_images: bool = Field(
+        default=False,
+        description="Keep each inspected image and its anomaly map on disk with the inspection record "
+        "(under the records retention limits, docs/records.md).",
+    )
 
     @field_validator("extra_normal_states", "extra_anomalous_states")
     @classmethod

@@ -22,8 +22,10 @@ from service.inspection import InspectionFlow
 from service.metrics import Metrics
 from service.products import ProductStore
 from service.queue import InferenceQueue
+from service.records import RecordService
 from service.references import ReferenceStore
-from service.routers import health, inspect, metrics, products, references, system
+from service.result_cache import ResultCache
+from service.routers import health, inspect, inspections, metrics, products, references, system
 from service.schemas import DEMO_WARNING
 from service.settings import Settings, resolve_device
 
@@ -88,6 +90,42 @@ def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, Blob
     return local, FileStore(Path(settings.data_dir) / "store")
 
 
+def _build_records(settings: Settings, metrics: Metrics) -> RecordService:
+    """Inspection records: local journal + writer to ZSI_DATABASE_URL (SQLite under ZSI_DATA_DIR by default)."""
+    return RecordService(
+        settings.data_dir,
+        settings.database_url,
+        fsync=settings.records_fsync,
+        journal_max_bytes=int(settings.records_journal_max_mb * 1024 * 1024),
+        batch=settings.records_batch,
+        retry_s=settings.records_retry_s,
+        db_timeout_s=settings.db_timeout_s,
+        auto_migrate=settings.db_auto_migrate,
+        image_max_age_s=settings.records_image_max_age_days * 86400.0,
+        image_max_bytes=int(settings.records_image_max_mb * 1024 * 1024),
+        read_wait_s=settings.records_read_wait_s,
+        registry=metrics.registry,
+    )
+
+
+def _build_result_cache(settings: Settings, metrics: Metrics, cache: BlobCache) -> ResultCache | None:
+    """Results in Redis (with their own in-process fallback) or in an in-process LRU of their own,
+    so large maps never push text prototypes out of the shared local cache."""
+    if not settings.result_cache:
+        return None
+    local = LocalCache(max_bytes=settings.result_cache_mb * 1024 * 1024)
+    backend: BlobCache = local
+    if isinstance(cache, ResilientCache):
+        backend = ResilientCache(cache.primary, local, retry_s=settings.redis_retry_s)
+    return ResultCache(
+        backend,
+        prefix=settings.key_prefix,
+        ttl_s=settings.result_cache_ttl_s,
+        max_entry_bytes=settings.result_cache_max_entry_kb * 1024,
+        on_lookup=lambda hit: metrics.cache_lookup("results", hit),
+    )
+
+
 async def _load_models(app: FastAPI) -> None:
     services: Services = app.state.services
     settings = services.settings
@@ -143,6 +181,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services.loading = set(services.settings.methods)
     if services.settings.demo:
         log.warning(DEMO_WARNING)
+    if services.records is not None:
+        await asyncio.to_thread(services.records.start)
     loader = asyncio.create_task(_load_models(app), name="load-models")
     try:
         yield
@@ -151,6 +191,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loader.cancel()
         for lm in list(services.methods.values()):
             await lm.queue.close()
+        if services.records is not None:
+            await asyncio.to_thread(services.records.stop)
         services.cache.close()
         if services.store is not services.cache:
             services.store.close()
@@ -326,6 +368,8 @@ def create_app(
         references=ReferenceStore(store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s),
         detector_factory=detector_factory or default_detector_factory,
     )
+    services.records = _build_records(settings, metrics_)
+    services.result_cache = _build_result_cache(settings, metrics_, cache)
     services.inspection = InspectionFlow(services)
     title = "Zero-shot anomaly inspection" + (" (DEMO: random-init models)" if settings.demo else "")
     assets = _swagger_assets()
@@ -343,6 +387,7 @@ def create_app(
     for r in (
         health.router,
         inspect.router,
+        inspections.router,
         products.router,
         references.router,
         system.router,

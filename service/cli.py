@@ -7,6 +7,7 @@ Subcommands:
     train-anomalyclip   train AnomalyCLIP prompts on an auxiliary dataset
     eval DATA_DIR       evaluate a method on MVTec-AD / VisA / your own folders (docs/evaluation.md)
     make-demo-dataset DIR   write a tiny synthetic dataset (MVTec-AD layout) to try eval on
+    db ...              records database schema: upgrade / current / heads (docs/records.md)
 """
 
 from __future__ import annotations
@@ -66,9 +67,8 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from models.postprocess import anomaly_map_png, boxes_above, overlay_png
-
     import models
+    from models.postprocess import anomaly_map_png, boxes_above, overlay_png
     from prompts import ProductRecipe, builtin_products
 
     product: ProductRecipe | None = None
@@ -142,6 +142,12 @@ def _weights(argv: list[str]) -> int:
     from service.fetch import main as fetch_main
 
     return int(fetch_main(argv) or 0)
+
+
+def _db(argv: list[str]) -> int:
+    from service.records.cli import main as db_main
+
+    return int(db_main(argv) or 0)
 
 
 def _train_anomalyclip(argv: list[str]) -> int:
@@ -289,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "weights", help="list / fetch / verify checkpoints (anomaly-inspect weights -h)", add_help=False
     )
+    sub.add_parser("db", help="records database schema (anomaly-inspect db -h)", add_help=False)
     sub.add_parser(
         "train-anomalyclip",
         help="train AnomalyCLIP prompts (anomaly-inspect train-anomalyclip -h)",
@@ -303,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return _weights(argv[1:])
     if argv and argv[0] == "train-anomalyclip":
         return _train_anomalyclip(argv[1:])
+    if argv and argv[0] == "db":
+        return _db(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

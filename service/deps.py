@@ -22,6 +22,8 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.inspection import InspectionFlow
+    from service.records import RecordService
+    from service.result_cache import ResultCache
 
 #: ``factory(method, settings=..., device=..., cache=...) -> Detector``
 DetectorFactory = Callable[..., Detector]
@@ -52,6 +54,10 @@ class Services:
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
     loaded: asyncio.Event | None = None
+    #: durable inspection records (journal + database writer); None only outside create_app
+    records: RecordService | None = None
+    #: per-image result cache; None when ZSI_RESULT_CACHE=false
+    result_cache: ResultCache | None = None
     #: the inspection flow between the /inspect router and the queues (set by create_app)
     inspection: InspectionFlow = field(init=False)
 

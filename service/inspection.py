@@ -5,10 +5,14 @@ into an HTTP answer; this module does the rest, in order:
 
 1. resolve the product recipe and the method (404 / 422 / 503 as :class:`ApiError`);
 2. decide the threshold (the product's, else the generic one);
-3. decode the image off the event loop;
-4. look up the product's reference set (golden images) for the method;
-5. queue the image for the method's batching worker (503 full, 504 deadline);
-6. decide and render (JSON body or PNG overlay), and observe stage metrics.
+3. look up the product's reference set (golden images) for the method;
+4. look up the per-image result cache (:mod:`service.result_cache`, keyed by the sha256
+   of the upload): a hit skips 5 (unless a PNG overlay is asked for) and 6;
+5. decode the image off the event loop;
+6. queue the image for the method's batching worker (503 full, 504 deadline);
+7. decide and render (JSON body or PNG overlay), and observe stage metrics;
+8. make the inspection record durable (:mod:`service.records`) before the answer leaves:
+   answers AND refusals raised from step 1 on get a record and an ``inspection_id``.
 
 Records, result caching, calibration and stream banks join the request path here,
 never in the router. No tensor maths: detectors and :mod:`models.postprocess` do that.
@@ -17,6 +21,9 @@ never in the router. No tensor maths: detectors and :mod:`models.postprocess` do
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +39,11 @@ from service.deps import LoadedMethod, Services
 from service.errors import ApiError
 from service.imaging import decode_image
 from service.queue import QueueClosed, QueueFull, QueueTimeout, batch_key
+from service.records.draft import RecordDraft, recipe_digest
+from service.result_cache import CachedResult, encode_entry
 from service.schemas import DEMO_WARNING
+
+log = logging.getLogger("service.inspection")
 
 GENERIC_THRESHOLD = 0.5
 DEMO_LABEL = "DEMO: random-init model, not a real result"
@@ -47,6 +58,9 @@ class InspectParams:
     product: str | None = None
     method: str | None = None
     output: Output = "json"
+    line: str | None = None
+    station: str | None = None
+    part_id: str | None = None
 
 
 @dataclass
@@ -69,6 +83,9 @@ class Inspection:
     body: dict[str, Any] | None = None
     png: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    record_id: str = ""
+    cached: bool = False
+    recorded: bool = True
 
 
 class _Clock:
@@ -106,6 +123,13 @@ class InspectionFlow:
     def threshold_for(recipe: ProductRecipe | None) -> float:
         return recipe.threshold if recipe is not None else GENERIC_THRESHOLD
 
+    @staticmethod
+    def threshold_source_for(recipe: ProductRecipe | None) -> str:
+        """Where the threshold comes from: ``product`` (its recipe) or ``generic`` (no product)."""
+        if recipe is None:
+            return "generic"
+        return str(getattr(recipe, "threshold_source", None) or "product")
+
     # ------------------------------------------------------------------ run
     async def run(
         self,
@@ -116,36 +140,101 @@ class InspectionFlow:
 
         The body is read only after the product and method are known to be usable, so a
         request for an unknown product is refused without reading its upload.
+
+        Every answer from here on, a refusal too, is recorded before it leaves; its id is
+        ``inspection_id`` in the JSON (``error.inspection_id`` for a refusal) and the
+        ``X-Inspection-Id`` header.
         """
+        draft = RecordDraft(
+            output=params.output,
+            product=params.product,
+            method=params.method,
+            precision=self.services.settings.precision,
+            line=params.line,
+            station=params.station,
+            part_id=params.part_id,
+        )
+        try:
+            return await self._inspect(params, read_body, draft)
+        except ApiError as exc:
+            draft.refused(exc.status, exc.code, exc.message)
+            await self._persist(draft)
+            exc.details["inspection_id"] = draft.id
+            exc.headers = {**exc.headers, "X-Inspection-Id": draft.id}
+            raise
+        except Exception as exc:
+            log.exception("inspection %s failed", draft.id)
+            message = f"internal error: {type(exc).__name__}"
+            draft.refused(500, "internal_error", message)
+            await self._persist(draft)
+            raise ApiError(
+                500,
+                "internal_error",
+                message,
+                headers={"X-Inspection-Id": draft.id},
+                inspection_id=draft.id,
+            ) from exc
+
+    async def _inspect(
+        self, params: InspectParams, read_body: Callable[[], Any], draft: RecordDraft
+    ) -> Inspection:
         services = self.services
         settings = services.settings
         clock = _Clock()
         recipe, loaded = await self.resolve(params)
         det = loaded.detector
         threshold = self.threshold_for(recipe)
+        demo = det.random_weights or services.demo
+        draft.method, draft.model, draft.weights, draft.demo = (
+            loaded.method,
+            det.model_name,
+            det.weights_tag,
+            demo,
+        )
+        draft.threshold, draft.threshold_source = threshold, self.threshold_source_for(recipe)
+        provenance = getattr(recipe, "threshold_provenance", None)
+        draft.threshold_provenance = provenance if isinstance(provenance, dict) else None
+        if recipe is not None:
+            draft.product, draft.recipe_digest = recipe.id, recipe_digest(recipe)
         clock.lap("resolve")
 
         data: bytes = await read_body()
+        draft.image_bytes = len(data)
         clock.lap("read")
-        image = await run_in_threadpool(
-            decode_image, data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
-        )
-        del data
-        clock.lap("decode")
 
         references, ref_key = None, None
         if recipe is not None and det.supports_references:
             references, ref_key = await run_in_threadpool(services.references.lookup, recipe.id, det)
             services.metrics.cache_lookup("references", references is not None)
+        draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
+        draft.reference_count = references.count if references is not None else 0
         clock.lap("references")
 
-        result, qinfo = await self._submit(loaded, image, recipe, references, ref_key)
+        cache_key, hit = await run_in_threadpool(self._cache_lookup, det, data, recipe, ref_key, draft)
+        if hit is not None and hit.image_width * hit.image_height > settings.max_image_pixels:
+            hit = None  # the pixel limit was lowered since: decode (and refuse) as usual
+        clock.lap("cache")
+
+        image: np.ndarray | None = None
+        if hit is None or params.output == "png":
+            image = await run_in_threadpool(
+                decode_image, data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
+            )
+            clock.lap("decode")
+        kept_bytes = data if recipe is not None and recipe.keep_images else None
+        del data
+
+        qinfo = {"queue_wait": 0.0, "inference": 0.0, "batch_size": 0.0}
+        if hit is not None:
+            result = hit.to_result()
+        else:
+            assert image is not None
+            result, qinfo = await self._submit(loaded, image, recipe, references, ref_key)
         clock.stages["queue_wait"] = qinfo["queue_wait"]
         clock.stages["inference"] = qinfo["inference"]
         clock.last = time.perf_counter()
 
         decision: Literal["anomalous", "normal"] = "anomalous" if result.score >= threshold else "normal"
-        demo = det.random_weights or services.demo
         inspection = Inspection(
             params=params,
             recipe=recipe,
@@ -156,23 +245,94 @@ class InspectionFlow:
             references=references,
             timings=clock.stages,
             demo=demo,
+            record_id=draft.id,
+            cached=hit is not None,
         )
         if params.output == "png":
+            assert image is not None
             label = DEMO_LABEL if det.random_weights else None
             inspection.png = await run_in_threadpool(
                 overlay_png, image, result.anomaly_map, result.score, threshold=threshold, label=label
             )
+            rendered = await run_in_threadpool(
+                self._render_json, result, image, threshold, hit, cache_key, with_png=False
+            )
             clock.lap("render")
         else:
-            rendered = await run_in_threadpool(self._render_json, result, image, threshold)
+            rendered = await run_in_threadpool(self._render_json, result, image, threshold, hit, cache_key)
             clock.lap("render")
             inspection.body = self._body(inspection, rendered, qinfo)
+        clock.stages["total"] = clock.total()
+        timings_ms = self._timings_ms(inspection)
+        self._fill_record(draft, inspection, rendered, qinfo, timings_ms)
+        inspection.recorded = await self._persist(
+            draft, image=kept_bytes, anomaly_map=result.anomaly_map if kept_bytes is not None else None
+        )
+        clock.lap("record")
         clock.stages["total"] = clock.total()
         if inspection.body is not None:
             inspection.body["timings_ms"] = self._timings_ms(inspection)
         inspection.headers = self._headers(inspection)
         self._observe(inspection)
         return inspection
+
+    # ------------------------------------------------------- result cache
+    def _cache_lookup(
+        self,
+        det: Any,
+        data: bytes,
+        recipe: ProductRecipe | None,
+        ref_key: str | None,
+        draft: RecordDraft,
+    ) -> tuple[str | None, CachedResult | None]:
+        """Hash the upload (for the record and the key) and look the result up (worker thread)."""
+        draft.image_sha256 = hashlib.sha256(data).hexdigest()
+        cache = self.services.result_cache
+        if cache is None:
+            return None, None
+        settings = self.services.settings
+        key = cache.key(
+            det,
+            precision=settings.precision,
+            backend=settings.backend,
+            image_sha256=draft.image_sha256,
+            recipe=recipe,
+            ref_key=ref_key,
+        )
+        return key, cache.get(key)
+
+    # ------------------------------------------------------------ records
+    async def _persist(
+        self, draft: RecordDraft, *, image: bytes | None = None, anomaly_map: np.ndarray | None = None
+    ) -> bool:
+        """Durable record before the answer leaves (worker thread); False when it was dropped."""
+        records = self.services.records
+        if records is None:
+            return False
+
+        def write() -> bool:
+            fmt = _image_format(image) if image is not None else None
+            return records.persist(draft.as_record(), image=image, image_format=fmt, anomaly_map=anomaly_map)
+
+        return await run_in_threadpool(write)
+
+    @staticmethod
+    def _fill_record(
+        draft: RecordDraft,
+        ins: Inspection,
+        rendered: dict[str, Any],
+        qinfo: dict[str, float],
+        timings_ms: dict[str, float],
+    ) -> None:
+        result = ins.result
+        draft.prompt_digest, draft.model, draft.weights = result.prompt_digest, result.model, result.weights
+        draft.used_references = result.used_references
+        draft.score, draft.decision, draft.cached = float(result.score), ins.decision, ins.cached
+        draft.set_normalized(result.details.get("normalized_score"))
+        draft.regions, draft.regions_truncated = rendered["regions"], rendered["regions_truncated"]
+        draft.image_width, draft.image_height = rendered["image"]["width"], rendered["image"]["height"]
+        draft.batch_size = int(qinfo["batch_size"])
+        draft.timings_ms = timings_ms
 
     async def _submit(
         self,
@@ -206,25 +366,65 @@ class InspectionFlow:
             raise ApiError(503, "shutting_down", str(exc), headers={"Retry-After": "5"}) from None
 
     # -------------------------------------------------------------- rendering
-    def _render_json(self, result: AnomalyResult, image: np.ndarray, threshold: float) -> dict[str, Any]:
+    def _render_json(
+        self,
+        result: AnomalyResult,
+        image: np.ndarray | None,
+        threshold: float,
+        hit: CachedResult | None = None,
+        cache_key: str | None = None,
+        *,
+        with_png: bool = True,
+    ) -> dict[str, Any]:
+        """The map, regions and image parts of the answer (worker thread).
+
+        From a cache ``hit``: min/max and the image part as stored, the regions as stored
+        when the threshold is the one they were computed at, else recomputed from the
+        cached map. On a miss with a ``cache_key`` the result is stored. ``with_png=False``
+        (``output=png``: regions for the record only) leaves the map PNG out.
+        """
         max_regions = self.services.settings.max_regions
         amap = result.anomaly_map
-        boxes = boxes_above(amap, threshold)
+        if hit is not None and hit.regions_threshold == threshold and hit.regions_max == max_regions:
+            regions = [dict(r) for r in hit.regions]
+            truncated = hit.regions_truncated
+        else:
+            boxes = boxes_above(amap, threshold)
+            regions = [b.as_dict() for b in boxes[:max_regions]]
+            truncated = len(boxes) > max_regions
+        if hit is not None:
+            lo, hi = hit.map_min, hit.map_max
+            width, height, pixel_hash = hit.image_width, hit.image_height, hit.pixel_hash
+        else:
+            assert image is not None
+            lo, hi = float(amap.min()), float(amap.max())
+            width, height, pixel_hash = int(image.shape[1]), int(image.shape[0]), image_hash(image)
+        cache = self.services.result_cache
+        if hit is None and cache is not None and cache_key is not None:
+            cache.put(
+                cache_key,
+                encode_entry(
+                    result,
+                    image_width=width,
+                    image_height=height,
+                    pixel_hash=pixel_hash,
+                    threshold=threshold,
+                    max_regions=max_regions,
+                    regions=regions,
+                    regions_truncated=truncated,
+                ),
+            )
         return {
             "anomaly_map": {
-                "png_base64": base64.b64encode(anomaly_map_png(amap)).decode("ascii"),
+                "png_base64": base64.b64encode(anomaly_map_png(amap)).decode("ascii") if with_png else "",
                 "width": int(amap.shape[1]),
                 "height": int(amap.shape[0]),
-                "min": float(amap.min()),
-                "max": float(amap.max()),
+                "min": lo,
+                "max": hi,
             },
-            "regions": [b.as_dict() for b in boxes[:max_regions]],
-            "regions_truncated": len(boxes) > max_regions,
-            "image": {
-                "width": int(image.shape[1]),
-                "height": int(image.shape[0]),
-                "sha256_16": image_hash(image),
-            },
+            "regions": regions,
+            "regions_truncated": truncated,
+            "image": {"width": width, "height": height, "sha256_16": pixel_hash},
         }
 
     @staticmethod
@@ -244,6 +444,8 @@ class InspectionFlow:
             **rendered,
             "batch_size": int(qinfo["batch_size"]),
             "details": dict(result.details),
+            "inspection_id": ins.record_id,
+            "cached": ins.cached,
         }
         if ins.demo:
             body["demo"] = True
@@ -260,7 +462,9 @@ class InspectionFlow:
             "queue_wait": t.get("queue_wait", 0.0),
             "inference": t.get("inference", 0.0),
             **{f"model_{k}": float(v) for k, v in ins.result.timings.items()},
+            "cache": t.get("cache", 0.0),
             "render": t.get("render", 0.0),
+            "record": t.get("record", 0.0),
             "total": t.get("total", 0.0),
         }
         return {k: round(v * 1000.0, 3) for k, v in ordered.items()}
@@ -273,7 +477,11 @@ class InspectionFlow:
             "X-Threshold": f"{ins.threshold:.6f}",
             "X-Method": ins.result.method,
             "X-Used-References": str(ins.result.used_references).lower(),
+            "X-Inspection-Id": ins.record_id,
+            "X-Cache": "hit" if ins.cached else "miss",
         }
+        if not ins.recorded:
+            headers["X-Record"] = "dropped"
         if ins.demo:
             headers["X-Demo"] = "true"
             headers["X-Warning"] = DEMO_WARNING
@@ -282,9 +490,30 @@ class InspectionFlow:
     # ---------------------------------------------------------------- metrics
     def _observe(self, ins: Inspection) -> None:
         stage = self.services.metrics.stage
-        for name in ("read", "decode", "references", "queue_wait", "inference", "render", "total"):
+        for name in (
+            "read",
+            "decode",
+            "references",
+            "cache",
+            "queue_wait",
+            "inference",
+            "render",
+            "record",
+            "total",
+        ):
             if name in ins.timings:
                 stage.labels(method=ins.method, stage=name).observe(ins.timings[name])
+
+
+def _image_format(data: bytes) -> str | None:
+    """PNG / JPEG / BMP / TIFF from the header (the bytes decoded already, so this cannot fail badly)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format
+    except Exception:
+        return None
 
 
 __all__ = ["DEMO_LABEL", "GENERIC_THRESHOLD", "InspectParams", "Inspection", "InspectionFlow"]

@@ -71,6 +71,14 @@ class InspectResponse(Tagged):
         "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total."
     )
     details: dict[str, Any] = Field(default_factory=dict, description="Method-specific extras.")
+    inspection_id: str = Field(
+        default="",
+        description="Id of this inspection's record (GET /inspections/{id}); also X-Inspection-Id.",
+    )
+    cached: bool = Field(
+        default=False,
+        description="True when the result came from the per-image result cache (no model pass; X-Cache: hit).",
+    )
 
 
 class ProductIn(BaseModel):
@@ -84,6 +92,9 @@ class ProductIn(BaseModel):
     default_method: str = Field(default="winclip", description="Method used when /inspect names none.")
     dataset: str | None = Field(default=None, description="Free-form origin label.")
     saa: dict[str, Any] | None = Field(default=None, description="SAA+ prompts (see METHODS.md section 3).")
+    keep_images: bool = Field(
+        default=False, description="Keep inspected images and maps with their records (docs/records.md)."
+    )
 
 
 class ProductOut(Tagged):
@@ -95,6 +106,7 @@ class ProductOut(Tagged):
     threshold: float
     default_method: str
     saa: dict[str, Any] | None = None
+    keep_images: bool = False
     source: Literal["builtin", "custom", "override"] = Field(
         description="builtin (prompts/), custom (created through the API) or override (PUT on a built-in id)."
     )
@@ -158,3 +170,95 @@ class Health(BaseModel):
 class Ready(Tagged):
     status: Literal["ready"] = "ready"
     methods: dict[str, dict[str, Any]]
+    records: dict[str, Any] | None = Field(
+        default=None,
+        description="Inspection records: state ok / degraded (database unreachable: records wait in "
+        "the local journal, inspection goes on) / starting, pending, written, dropped (docs/records.md).",
+    )
+
+
+# ----------------------------------------------------------------- inspection records
+
+
+class RecordError(BaseModel):
+    code: str
+    message: str | None
+
+
+class RecordImage(BaseModel):
+    sha256: str | None = Field(description="sha256 of the uploaded bytes (64 hex).")
+    bytes: int | None = Field(description="Upload size in bytes.")
+    width: int | None
+    height: int | None
+    kept: bool = Field(
+        description="The image and map were kept (product keep_images); see /image, /overlay.png."
+    )
+
+
+class ReviewOut(BaseModel):
+    verdict: Literal["good", "defect"]
+    note: str | None
+    reviewer: str | None
+    reviewed_at: str | None = Field(description="ISO 8601, UTC.")
+
+
+class InspectionOut(BaseModel):
+    """One inspection record (an answer, or a refusal with ``status`` and ``error``)."""
+
+    id: str = Field(description="UUIDv7; the answer's inspection_id / X-Inspection-Id.")
+    created_at: str = Field(description="ISO 8601, UTC.")
+    status: int = Field(description="HTTP status of the answer (200, or the refusal's).")
+    error: RecordError | None = None
+    output: str
+    product: str | None
+    recipe_digest: str | None = Field(description="Digest of the product recipe JSON (its version).")
+    prompt_digest: str | None
+    method: str | None
+    model: str | None
+    weights: str | None
+    precision: str | None
+    demo: bool = Field(description="Random-init weights answered: not a real result.")
+    reference_key: str | None = Field(description="Content hash of the golden reference set used.")
+    reference_count: int
+    used_references: bool
+    threshold: float | None
+    threshold_source: str | None = Field(description="product (the recipe's) or generic (no product).")
+    threshold_provenance: dict[str, Any] | None = None
+    score: float | None
+    normalized_score: float | None = None
+    decision: Literal["anomalous", "normal"] | None
+    regions: list[Region] | None
+    regions_truncated: bool
+    cached: bool = Field(description="Answered from the result cache (no model pass).")
+    batch_size: int
+    timings_ms: dict[str, float] | None
+    image: RecordImage
+    line: str | None
+    station: str | None
+    part_id: str | None
+    review: ReviewOut | None = Field(description="The latest operator verdict, if any.")
+    review_history: list[ReviewOut] | None = Field(
+        default=None, description="Every verdict, oldest first (GET /inspections/{id} only)."
+    )
+
+
+class InspectionList(Tagged):
+    inspections: list[InspectionOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next (older) page; null at the end."
+    )
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: Literal["good", "defect"] = Field(description="The operator's judgement of the part.")
+    note: str | None = Field(
+        default=None, max_length=2000, examples=["scratch is on the label, not the glass"]
+    )
+    reviewer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Who reviewed; defaults to the X-Operator header (one of them is required).",
+        examples=["j.doe"],
+    )

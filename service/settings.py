@@ -51,6 +51,41 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
     backend: Literal["torch", "onnx"] = Field(default="torch", description="Visual tower backend.")
     max_regions: int = Field(default=100, ge=0, description="Most regions listed in an /inspect answer.")
+    # -- inspection records (docs/records.md) --
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the records database (postgresql://user:pw@host/db); "
+        "unset = SQLite file ZSI_DATA_DIR/records/inspections.db.",
+    )
+    db_auto_migrate: bool = Field(
+        default=True, description="Run the Alembic migrations at start (else: anomaly-inspect db upgrade)."
+    )
+    db_timeout_s: float = Field(default=3.0, gt=0, description="Connect timeout of the records database.")
+    records_fsync: bool = Field(
+        default=True,
+        description="fsync the local journal before answering (off: survives a process kill only).",
+    )
+    records_journal_max_mb: float = Field(
+        default=256.0, gt=0, description="Records kept in the local journal while the database is down."
+    )
+    records_batch: int = Field(default=256, ge=1, description="Most records per database transaction.")
+    records_retry_s: float = Field(default=5.0, gt=0, description="Longest wait between database retries.")
+    records_read_wait_s: float = Field(
+        default=2.0, ge=0, description="How long a records read waits for the writer to catch up."
+    )
+    records_image_max_age_days: float = Field(
+        default=30.0, ge=0, description="Kept images/maps older than this are removed; 0 = no age limit."
+    )
+    records_image_max_mb: float = Field(
+        default=2048.0, ge=0, description="Kept images/maps beyond this total are removed, oldest first."
+    )
+    # -- per-image result cache --
+    result_cache: bool = Field(default=True, description="Answer repeated identical images from the cache.")
+    result_cache_ttl_s: int = Field(default=3600, ge=1, description="TTL of a cached result.")
+    result_cache_mb: int = Field(default=64, ge=1, description="In-process budget of cached results.")
+    result_cache_max_entry_kb: int = Field(
+        default=4096, ge=1, description="Results whose stored map is larger are not cached."
+    )
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -64,7 +99,7 @@ class Settings(BaseSettings):
             return out
         return value
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "database_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -27,8 +27,9 @@ async def health_check() -> Health:
 )
 async def ready(services: ServicesDep) -> Ready | JSONResponse:
     states = services.method_states()
+    records = services.records.status() if services.records is not None else None
     if all(s["state"] == "loaded" for s in states.values()):
-        return Ready(methods=states)
+        return Ready(methods=states, records=records)
     failed = {m: s for m, s in states.items() if s["state"] == "failed"}
     if failed:
         fetch = [s["fetch"] for s in failed.values() if s.get("fetch")]
@@ -43,4 +44,6 @@ async def ready(services: ServicesDep) -> Ready | JSONResponse:
         headers = None
     else:
         message, code, headers = "not ready: models are loading", "not_ready", {"Retry-After": "2"}
-    return JSONResponse(error_body(code, message, methods=states), status_code=503, headers=headers)
+    return JSONResponse(
+        error_body(code, message, methods=states, records=records), status_code=503, headers=headers
+    )

@@ -15,6 +15,10 @@ from service.schemas import ErrorBody, InspectResponse
 
 router = APIRouter(prefix="/inspect", tags=["inspection"], dependencies=[ApiKeyDep])
 
+#: ``line``, ``station``, ``part_id``: 1-64 characters, a letter or digit first, then letters,
+#: digits, space and ``. _ : / # + -`` (safe in CSV exports, logs and file names).
+CLIENT_FIELD = r"^[A-Za-z0-9][A-Za-z0-9 ._:/#+\-]{0,63}$"
+
 _BINARY = {"type": "string", "format": "binary"}
 _REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
@@ -89,7 +93,9 @@ async def read_upload(request: Request, services: Services) -> bytes:
     summary="Inspect one image",
     description="Scores one image of a product. `output=json` (default) answers the score, decision, "
     "anomaly map (8-bit PNG, base64) and regions; `output=png` answers the image with a JET heat map "
-    "(fixed 0..1 scale) and the score written on it (headers X-Anomaly-Score, X-Decision, X-Threshold).",
+    "(fixed 0..1 scale) and the score written on it (headers X-Anomaly-Score, X-Decision, X-Threshold). "
+    "Every answer is recorded (GET /inspections/{id}; id in `inspection_id` and X-Inspection-Id); a "
+    "repeated identical image is answered from the result cache (`cached: true`, X-Cache: hit).",
     responses={200: {"content": {"image/png": {"schema": _BINARY}}}, **_ERRORS},
     openapi_extra=_REQUEST_BODY,
 )
@@ -108,8 +114,37 @@ async def inspect_image(
         Query(description="Detection method; default: the product's, else winclip.", examples=["winclip"]),
     ] = None,
     output: Annotated[Literal["json", "png"], Query(description="json (default) or png overlay.")] = "json",
+    line: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=CLIENT_FIELD,
+            description="Production line (kept in the record).",
+            examples=["L2"],
+        ),
+    ] = None,
+    station: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=CLIENT_FIELD,
+            description="Station / camera (kept in the record).",
+            examples=["cam-3"],
+        ),
+    ] = None,
+    part_id: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=CLIENT_FIELD,
+            description="Part serial or id (kept in the record).",
+            examples=["SN-0042"],
+        ),
+    ] = None,
 ) -> Any:
-    params = InspectParams(product=product, method=method, output=output)
+    params = InspectParams(
+        product=product, method=method, output=output, line=line, station=station, part_id=part_id
+    )
     ins = await services.inspection.run(params, lambda: read_upload(request, services))
     if ins.png is not None:
         return Response(ins.png, media_type="image/png", headers=ins.headers)

@@ -27,7 +27,9 @@ def test_second_process_computes_nothing_already_stored(app_client, redis_url, k
         assert det_a.counters() == {"text_prototypes_computed": 1, "references_encoded": 2}
         assert a.get("/models").json()["cache"] == "redis+local"
 
-        with app_client(redis_url=redis_url, key_prefix=key_prefix) as (b, sb):
+        # result_cache=False: B would answer the same image from A's cached result without any
+        # model work; this test is about the prototypes and references B finds stored
+        with app_client(redis_url=redis_url, key_prefix=key_prefix, result_cache=False) as (b, sb):
             det_b = sb.methods["winclip"].detector
             # B's own model (random-init, other weights than A's) must not matter for the cache
             # test; the counters prove B computed nothing that A had stored.

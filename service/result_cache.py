@@ -1,0 +1,314 @@
+"""Per-image result cache: the same image bytes, model and recipe give the stored result, no model pass.
+
+Key (docs/records.md)::
+
+    {prefix}res:v1:{model}:{image}:{recipe}:{refs}
+
+- ``model``: 16 hex of sha256 over the detector's identity (``describe()``: method,
+  architecture, weights tag, device, method settings) plus ``ZSI_PRECISION`` and ``ZSI_BACKEND``;
+- ``image``: sha256 (64 hex) of the uploaded BYTES (a re-encoded image is a new key; no
+  decode is needed to look it up);
+- ``recipe``: 16 hex of sha256 over the product recipe JSON WITHOUT its decision-only
+  fields (threshold, keep_images, dataset, calibration provenance) plus the method's prompt
+  digest: new words recompute, a new threshold re-decides from the cached score;
+- ``refs``: the content hash of the golden reference set used, or ``none``.
+
+Visual features (window embeddings, V-V patch tokens) will use
+``{prefix}feat:v1:{model}:{image}`` (:func:`feature_key`): independent of the recipe and
+the references, so a changed prompt re-scores from them without a new visual pass.
+
+The value is a zlib-compressed :mod:`models.serialization` blob (never pickle): the map
+quantised to 16 bits (value = q / 65535, see :func:`quantize_map`), stored as differences
+along rows (modulo 2**16, exact; smooth maps compress ~10x better) plus a JSON header with the
+exact score, map min/max and the regions at the threshold they were computed for.
+The score is bit-identical; the map is within 1.5/65535 (2.3e-5) of the original and
+renders to the SAME 8-bit PNG as the uncached answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.base import AnomalyResult, Detector
+from models.postprocess import map_to_uint8
+from models.serialization import SerializationError, pack_arrays, unpack_arrays
+from prompts import ProductRecipe
+from service.cache import BlobCache
+
+log = logging.getLogger("service.result_cache")
+
+KEY_VERSION = "v1"
+#: Recipe fields that only change the decision (or nothing at all), never the score or map.
+DECISION_ONLY_FIELDS = frozenset(
+    {"threshold", "keep_images", "dataset", "threshold_source", "threshold_provenance", "calibration"}
+)
+
+
+def _h(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def model_digest(detector: Detector, *, precision: str, backend: str) -> str:
+    """16 hex: the detector's identity (method, model, weights, device, settings), precision, backend."""
+    return _h(detector.model_key, detector.describe(), precision, backend)
+
+
+def scoring_digest(recipe: ProductRecipe | None, prompt_digest: str) -> str:
+    """16 hex: what of the recipe changes the score (not the threshold), plus the prompt digest."""
+    doc = None
+    if recipe is not None:
+        doc = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in DECISION_ONLY_FIELDS}
+    return _h(doc, prompt_digest)
+
+
+def result_key(prefix: str, model: str, image_sha256: str, recipe: str, refs: str | None) -> str:
+    return f"{prefix}res:{KEY_VERSION}:{model}:{image_sha256}:{recipe}:{refs or 'none'}"
+
+
+def feature_key(prefix: str, model: str, image_sha256: str) -> str:
+    """Reserved for per-image visual features (recipe- and reference-independent)."""
+    return f"{prefix}feat:{KEY_VERSION}:{model}:{image_sha256}"
+
+
+def quantize_map(anomaly_map: np.ndarray) -> np.ndarray:
+    """``float32 (H, W)`` in [0, 1] -> ``uint16 (H, W)`` q with ``q / 65535`` rendering to the same 8-bit map.
+
+    ``q = round(65535 v)``, then nudged by one step where ``round(255 q / 65535)`` would
+    differ from ``round(255 v)`` (values within 0.002 of an 8-bit rounding edge), so the
+    8-bit PNG of the answer is identical. Error at most 1.5/65535.
+    """
+    v = np.clip(np.nan_to_num(np.asarray(anomaly_map, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    q = np.rint(v * np.float32(65535.0)).astype(np.int32)
+    want = map_to_uint8(v).astype(np.int32)
+    for _ in range(3):
+        diff = want - map_to_uint8(dequantize_map(q)).astype(np.int32)
+        if not diff.any():
+            break
+        q = np.clip(q + np.sign(diff), 0, 65535)
+    return q.astype(np.uint16)
+
+
+def _row_deltas(q: np.ndarray) -> np.ndarray:
+    """``uint16 (H, W)`` -> differences along each row, modulo 2**16, as ``int16`` (exact).
+
+    Maps are smooth, so the differences are small and compress ~10x better than the values
+    (models.serialization takes signed dtypes only, hence int16 bits).
+    """
+    d = np.diff(q.astype(np.int64), axis=1, prepend=np.zeros((q.shape[0], 1), np.int64))
+    return np.mod(d, 65536).astype(np.uint16).view(np.int16)
+
+
+def _from_row_deltas(dx: np.ndarray) -> np.ndarray:
+    return (np.cumsum(dx.view(np.uint16).astype(np.int64), axis=1) % 65536).astype(np.uint16)
+
+
+def dequantize_map(q: np.ndarray) -> np.ndarray:
+    """``uint16`` -> ``float32`` in [0, 1] (``q / 65535``)."""
+    return (np.asarray(q).astype(np.float32) / np.float32(65535.0)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CachedResult:
+    """A stored result: enough to answer without the model (and without decoding the image).
+
+    ``regions``/``regions_truncated`` are exact for ``regions_threshold`` and
+    ``regions_max``; for another threshold they are recomputed from ``anomaly_map``.
+    """
+
+    score: float
+    anomaly_map: np.ndarray  # float32 (H, W) in [0, 1], read-only (dequantised)
+    map_min: float
+    map_max: float
+    method: str
+    model: str
+    weights: str
+    prompt_digest: str
+    used_references: bool
+    random_weights: bool
+    image_width: int
+    image_height: int
+    pixel_hash: str
+    regions_threshold: float
+    regions_max: int
+    regions: tuple[Mapping[str, Any], ...]
+    regions_truncated: bool
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_result(self) -> AnomalyResult:
+        return AnomalyResult(
+            score=self.score,
+            anomaly_map=self.anomaly_map,
+            method=self.method,
+            model=self.model,
+            weights=self.weights,
+            prompt_digest=self.prompt_digest,
+            used_references=self.used_references,
+            random_weights=self.random_weights,
+            timings={},
+            details=dict(self.details),
+        )
+
+
+def encode_entry(
+    result: AnomalyResult,
+    *,
+    image_width: int,
+    image_height: int,
+    pixel_hash: str,
+    threshold: float,
+    max_regions: int,
+    regions: list[dict[str, Any]],
+    regions_truncated: bool,
+) -> bytes | None:
+    """The cache value of ``result``; None when it cannot be stored faithfully."""
+    amap = np.asarray(result.anomaly_map, dtype=np.float32)
+    q = quantize_map(amap)
+    if not np.array_equal(map_to_uint8(dequantize_map(q)), map_to_uint8(amap)):
+        return None  # never store a map that would render differently
+    meta = {
+        "score": float(result.score).hex(),  # exact round trip
+        "map_min": float(amap.min()).hex(),
+        "map_max": float(amap.max()).hex(),
+        "method": result.method,
+        "model": result.model,
+        "weights": result.weights,
+        "prompt_digest": result.prompt_digest,
+        "used_references": bool(result.used_references),
+        "random_weights": bool(result.random_weights),
+        "image_width": int(image_width),
+        "image_height": int(image_height),
+        "pixel_hash": pixel_hash,
+        "regions_threshold": float(threshold).hex(),
+        "regions_max": int(max_regions),
+        "regions": regions,
+        "regions_truncated": bool(regions_truncated),
+        "details": dict(result.details),
+    }
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError):
+        return None  # details not JSON-safe: do not cache
+    return zlib.compress(pack_arrays({"map_dx": _row_deltas(q)}, meta), 1)
+
+
+def decode_entry(blob: bytes) -> CachedResult:
+    """Raises :class:`SerializationError` for a blob that is not a cache entry."""
+    try:
+        raw = zlib.decompress(blob)
+    except zlib.error as exc:
+        raise SerializationError(f"not a compressed cache entry: {exc}") from exc
+    arrays, meta = unpack_arrays(raw)
+    try:
+        dx = arrays["map_dx"]
+        if dx.dtype != np.int16 or dx.ndim != 2:
+            raise SerializationError(f"cached map must be int16 (H, W), got {dx.dtype} {dx.shape}")
+        amap = dequantize_map(_from_row_deltas(dx))
+        amap.setflags(write=False)
+        m: dict[str, Any] = dict(meta)
+        return CachedResult(
+            score=float.fromhex(str(m["score"])),
+            anomaly_map=amap,
+            map_min=float.fromhex(str(m["map_min"])),
+            map_max=float.fromhex(str(m["map_max"])),
+            method=str(m["method"]),
+            model=str(m["model"]),
+            weights=str(m["weights"]),
+            prompt_digest=str(m["prompt_digest"]),
+            used_references=bool(m["used_references"]),
+            random_weights=bool(m["random_weights"]),
+            image_width=int(m["image_width"]),
+            image_height=int(m["image_height"]),
+            pixel_hash=str(m["pixel_hash"]),
+            regions_threshold=float.fromhex(str(m["regions_threshold"])),
+            regions_max=int(m["regions_max"]),
+            regions=tuple(m["regions"]),
+            regions_truncated=bool(m["regions_truncated"]),
+            details=dict(m["details"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SerializationError(f"corrupt cache entry: {exc}") from exc
+
+
+class ResultCache:
+    """get/put of :class:`CachedResult` on a :class:`~service.cache.BlobCache` (Redis or in-process).
+
+    Never raises because of the backend or a corrupt entry (a miss instead).
+    """
+
+    def __init__(
+        self,
+        cache: BlobCache,
+        *,
+        prefix: str = "zsi:",
+        ttl_s: float = 3600.0,
+        max_entry_bytes: int = 4 * 1024 * 1024,
+        on_lookup: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes
+        self._on_lookup = on_lookup
+
+    def key(
+        self,
+        detector: Detector,
+        *,
+        precision: str,
+        backend: str,
+        image_sha256: str,
+        recipe: ProductRecipe | None,
+        ref_key: str | None,
+    ) -> str:
+        """The key of one request (blocking-light: a prompt digest and a few hashes)."""
+        refs = ref_key.rsplit(":", 1)[-1] if ref_key else None
+        return result_key(
+            self.prefix,
+            model_digest(detector, precision=precision, backend=backend),
+            image_sha256,
+            scoring_digest(recipe, detector.prompt_digest(product=recipe)),
+            refs,
+        )
+
+    def get(self, key: str) -> CachedResult | None:
+        blob = self.cache.get(key)
+        entry = None
+        if blob is not None:
+            try:
+                entry = decode_entry(blob)
+            except SerializationError as exc:
+                log.warning("dropping a corrupt result cache entry %s: %s", key, exc)
+                self.cache.delete(key)
+        if self._on_lookup:
+            self._on_lookup(entry is not None)
+        return entry
+
+    def put(self, key: str, blob: bytes | None) -> bool:
+        if blob is None or len(blob) > self.max_entry_bytes:
+            return False
+        self.cache.set(key, blob, self.ttl_s)
+        return True
+
+
+__all__ = [
+    "DECISION_ONLY_FIELDS",
+    "CachedResult",
+    "ResultCache",
+    "decode_entry",
+    "dequantize_map",
+    "encode_entry",
+    "feature_key",
+    "model_digest",
+    "quantize_map",
+    "result_key",
+    "scoring_digest",
+]
