@@ -217,7 +217,8 @@ def test_kept_image_and_overlay(app_client, db_settings, tmp_path):
         )
         a = np.asarray(Image.open(io.BytesIO(ov.content)).convert("RGB")).astype(int)
         b = np.asarray(Image.open(io.BytesIO(direct.content)).convert("RGB")).astype(int)
-        assert a.shape == b.shape == (40, 56, 3)
+        # small images get the legend in a strip below the image (docs/overlay.md)
+        assert a.shape == b.shape and a.shape[0] >= 40 and a.shape[1] >= 56
         assert np.abs(a - b).max() <= 2  # the same overlay, from the kept 16-bit map
         for path in ("image", "overlay.png"):
             r = client.get(f"/inspections/{not_kept['inspection_id']}/{path}")
