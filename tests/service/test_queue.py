@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import models
 from models.base import AnomalyResult, Detector, ReferenceSet
 from prompts import builtin_products
 from service.queue import InferenceQueue, QueueFull, QueueTimeout, batch_key
-from tests.service.conftest import png_bytes, random_image
+from tests.service.conftest import make_settings, png_bytes, random_image, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 RAW = {"content-type": "image/png"}
@@ -200,3 +201,91 @@ def test_http_concurrency_batches_with_the_real_tiny_model(app_client):
             assert abs(a["score"] - want.score) <= 1e-5
             assert a["anomaly_map"]["max"] == pytest.approx(float(want.anomaly_map.max()), abs=1e-5)
         assert max(a["batch_size"] for a in answers) > 1
+
+
+def test_expiry_seen_by_the_worker_is_a_timeout_not_a_cancellation():
+    """The worker finds a job past its deadline before ``submit``'s own timer fires (issue 10, item 2)."""
+    det = SlowDetector(0.2)
+
+    async def run() -> None:
+        q = InferenceQueue(det, max_batch=1, max_wait_s=0.0, max_size=8)
+        q.start()
+        try:
+            busy = asyncio.ensure_future(q.submit(random_image(0), key="k", timeout_s=5))
+            await asyncio.sleep(0.05)  # the worker runs `busy` now
+            late = asyncio.ensure_future(q.submit(random_image(1), key="k", timeout_s=5))
+            await asyncio.sleep(0)
+            q._pending[0].deadline = 0.0  # expired: the worker drops it when `busy` is done
+            with pytest.raises(QueueTimeout):
+                await late
+            await busy
+        finally:
+            await q.close()
+
+    asyncio.run(run())
+    assert det.batches == [1]  # the expired job never ran
+
+
+def test_a_cancelled_request_still_propagates_cancellation_and_is_skipped():
+    det = SlowDetector(0.2)
+
+    async def run() -> None:
+        q = InferenceQueue(det, max_batch=1, max_wait_s=0.0, max_size=8)
+        q.start()
+        try:
+            busy = asyncio.ensure_future(q.submit(random_image(0), key="k", timeout_s=5))
+            await asyncio.sleep(0.05)
+            gone = asyncio.ensure_future(q.submit(random_image(1), key="k", timeout_s=5))
+            await asyncio.sleep(0.01)
+            gone.cancel()  # the client went away
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            await busy
+            await asyncio.sleep(0.35)  # long enough for a wrongly kept job to run
+        finally:
+            await q.close()
+
+    asyncio.run(run())
+    assert det.batches == [1]  # the cancelled request's job was skipped
+
+
+def test_many_short_deadline_requests_get_504_never_500():
+    """64 clients at a deadline close to the batch time: every answer is 200, 503 or a JSON 504."""
+    det = SlowDetector(0.02)
+    settings_kw = {"max_batch": 4, "max_wait_ms": 1.0, "queue_size": 256, "request_timeout_s": 0.05}
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    data = png_bytes(random_image(3, 16, 16))
+
+    async def hammer(app: Any) -> list[tuple[int, str]]:
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+            async def one(i: int) -> tuple[int, str]:
+                try:
+                    r = await client.post("/inspect", content=data, headers=RAW)
+                except BaseException as exc:  # a CancelledError escaping the app: a 500
+                    return 500, type(exc).__name__
+                return r.status_code, r.headers.get("content-type", "")
+
+            out: list[tuple[int, str]] = []
+            for _ in range(20):
+                out += await asyncio.gather(*(one(i) for i in range(64)))
+            return out
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(make_settings(Path(tmp), **settings_kw), detector_factory=lambda *a, **k: det)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            wait_ready(client)
+            answers = client.portal.call(hammer, app)
+    codes = [c for c, _ in answers]
+    assert 500 not in codes, (codes.count(500), len(codes))
+    assert set(codes) <= {200, 503, 504}, sorted(set(codes))
+    assert codes.count(504) > 0
+    assert all(ct.startswith("application/json") for c, ct in answers if c != 200)
