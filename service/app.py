@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.base import ArrayCache, Detector, WeightsError
 from service.cache import ArrayCacheAdapter, BlobCache, FileStore, LocalCache, RedisCache, ResilientCache
 from service.deps import DetectorFactory, LoadedMethod, Services
-from service.errors import ApiError, error_body, install_error_handlers
+from service.errors import install_error_handlers
 from service.inspection import InspectionFlow
 from service.metrics import Metrics
+from service.middleware import ServiceMiddleware
 from service.products import ProductStore
 from service.queue import InferenceQueue
 from service.references import ReferenceStore
@@ -154,118 +153,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.cache.close()
         if services.store is not services.cache:
             services.store.close()
-
-
-class ServiceMiddleware:
-    """Pure ASGI: body-size cap, per-route request metrics, demo labels on every JSON answer."""
-
-    def __init__(self, app: ASGIApp, services: Services) -> None:
-        self.app = app
-        self.services = services
-
-    def _limit(self, path: str) -> int:
-        s = self.services.settings
-        slack = 1024 * 1024  # multipart framing and form fields
-        if path.rstrip("/").endswith("/references"):
-            return s.max_image_bytes * s.max_reference_images + slack
-        return s.max_image_bytes + slack
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self._limit(scope.get("path", ""))
-        demo = self.services.demo and scope.get("path") != "/openapi.json"
-        started = time.perf_counter()
-        status_holder = {"status": 500}
-
-        async def reply(status: int, body: dict[str, Any]) -> None:
-            payload = json.dumps(body).encode()
-            status_holder["status"] = status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": payload})
-
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await reply(
-                413,
-                error_body(
-                    "payload_too_large",
-                    f"the request body is larger than the limit of {limit} bytes",
-                    max_bytes=limit,
-                ),
-            )
-            self._observe(scope, status_holder["status"], started)
-            return
-
-        received = 0
-
-        async def capped_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise ApiError(
-                        413,
-                        "payload_too_large",
-                        f"the request body is larger than the limit of {limit} bytes",
-                        max_bytes=limit,
-                    )
-            return message
-
-        start_message: dict[str, Any] = {}
-        body_parts: list[bytes] = []
-
-        async def tagging_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
-                hdrs = dict(message.get("headers") or [])
-                if demo and hdrs.get(b"content-type", b"").startswith(b"application/json"):
-                    start_message.update(message)
-                    return
-                await send(message)
-                return
-            if message["type"] == "http.response.body" and start_message:
-                body_parts.append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return
-                body = b"".join(body_parts)
-                try:
-                    doc = json.loads(body)
-                    if isinstance(doc, dict):
-                        doc["demo"] = True
-                        doc["warning"] = DEMO_WARNING
-                        body = json.dumps(doc).encode()
-                except ValueError:
-                    pass
-                kept = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
-                kept.append((b"content-length", str(len(body)).encode()))
-                await send({**start_message, "headers": kept})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        try:
-            await self.app(scope, capped_receive, tagging_send)
-        finally:
-            self._observe(scope, status_holder["status"], started)
-
-    def _observe(self, scope: Scope, status: int, started: float) -> None:
-        route = scope.get("route")
-        label = getattr(route, "path", None) or "unmatched"
-        self.services.metrics.requests.labels(route=label, status=str(status)).inc()
-        self.services.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
 
 
 def _swagger_assets() -> Path | None:

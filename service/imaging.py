@@ -37,10 +37,11 @@ async def read_capped(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
 
 
 def too_large_bytes(max_bytes: int) -> ApiError:
+    """413 ``payload_too_large``: the code of every byte limit (``image_too_large`` is for pixels)."""
     return ApiError(
         413,
-        "image_too_large",
-        f"the upload is larger than the limit of {max_bytes} bytes",
+        "payload_too_large",
+        f"the image is larger than the limit of {max_bytes} bytes (ZSI_MAX_IMAGE_BYTES)",
         max_bytes=max_bytes,
     )
 

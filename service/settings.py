@@ -45,7 +45,14 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for more requests.")
     queue_size: int = Field(default=64, ge=1, description="Waiting requests per method before 503.")
     request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one inference request.")
-    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="Largest upload (bytes).")
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="Largest image, and largest /inspect request body (multipart framing included).",
+    )
+    max_json_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest body of the JSON routes (PUT /products/{id})."
+    )
     max_image_pixels: int = Field(default=40_000_000, ge=4, description="Largest image (width x height).")
     max_reference_images: int = Field(default=16, ge=1, description="Most golden images per upload.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
