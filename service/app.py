@@ -202,15 +202,22 @@ def create_app(
         prefix=f"{settings.key_prefix}arr:",
         ttl_s=settings.cache_ttl_s or None,
         on_lookup=lambda hit: metrics_.cache_lookup("text_prototypes", hit),
+        on_corrupt=lambda: metrics_.cache_corrupt.labels(kind="text_prototypes").inc(),
     )
+
+    def corrupt(kind: str) -> None:
+        metrics_.cache_corrupt.labels(kind=kind).inc()
+
     services = Services(
         settings=settings,
         metrics=metrics_,
         cache=cache,
         store=store,
         array_cache=array_cache,
-        products=ProductStore(store, prefix=settings.key_prefix),
-        references=ReferenceStore(store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s),
+        products=ProductStore(store, prefix=settings.key_prefix, on_corrupt=corrupt),
+        references=ReferenceStore(
+            store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s, on_corrupt=corrupt
+        ),
         detector_factory=detector_factory or default_detector_factory,
     )
     services.inspection = InspectionFlow(services)

@@ -352,7 +352,8 @@ class ArrayCacheAdapter:
     Arrays are packed with :func:`models.serialization.pack_array`. Keys (computed by the
     detector from model, weights and prompt digest) are namespaced with ``prefix``.
     Decoded arrays are also kept in a small local LRU: the keys are content hashes, so
-    a value never changes meaning.
+    a value never changes meaning. A blob that does not decode is a miss: it is deleted
+    and counted (``on_corrupt``), and the detector recomputes the value.
     """
 
     def __init__(
@@ -362,12 +363,14 @@ class ArrayCacheAdapter:
         prefix: str = "zsi:arr:",
         ttl_s: float | None = None,
         on_lookup: Callable[[bool], None] | None = None,
+        on_corrupt: Callable[[], None] | None = None,
         local_items: int = 64,
     ) -> None:
         self.cache = cache
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._on_lookup = on_lookup
+        self._on_corrupt = on_corrupt
         self._local: OrderedDict[str, np.ndarray] = OrderedDict()
         self._local_items = local_items
         self._lock = threading.Lock()
@@ -387,9 +390,13 @@ class ArrayCacheAdapter:
             if blob is not None:
                 try:
                     value = unpack_array(blob)
-                except SerializationError:
-                    log.warning("dropping a corrupt cache entry %s", key)
-                    self.cache.delete(self.prefix + key)
+                except SerializationError as exc:
+                    # A miss: the caller recomputes and stores a good value over it.
+                    log.warning("dropping a corrupt cache entry %s: %s", key, exc)
+                    if self._on_corrupt:
+                        self._on_corrupt()
+                    with contextlib.suppress(CacheUnavailable):
+                        self.cache.delete(self.prefix + key)
                     value = None
                 if value is not None:
                     value.setflags(write=False)
