@@ -82,7 +82,7 @@ def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, Blob
             metrics.cache_backend_up.set(1 if up else 0)
 
         shared = ResilientCache(redis, local, retry_s=settings.redis_retry_s, on_state=on_state)
-        return shared, shared
+        return shared, shared.durable()  # writes of user data reach Redis or are refused (503)
     metrics.cache_backend_up.set(0)
     return local, FileStore(Path(settings.data_dir) / "store")
 

@@ -8,7 +8,8 @@ Runs in front of FastAPI, so it decides BEFORE any body is read or parsed:
 2. Body cap per route (:meth:`ServiceMiddleware.body_limit`): a declared
    ``Content-Length`` over the cap is refused at once; a chunked body is counted while
    it streams and refused (413) as soon as it passes the cap. The connection is then
-   closed, so the rest of an over-limit body is never read.
+   closed, so the rest of an over-limit body is never read; so is every answer given
+   before the app read the whole body (an unknown product, say).
 3. Per-route request metrics, and in demo mode ``demo``/``warning`` on every JSON answer.
 
 Every refusal here is the service's JSON error shape.
@@ -128,6 +129,7 @@ class ServiceMiddleware:
             return
 
         received = 0
+        state["body_done"] = not has_body
 
         async def capped_receive() -> Message:
             nonlocal received
@@ -135,6 +137,7 @@ class ServiceMiddleware:
                 raise _BodyTooLarge()
             message = await receive()
             if message["type"] == "http.request":
+                state["body_done"] = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     # Answer now and stop reading: the rest of the body is never pulled in.
@@ -153,6 +156,10 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 state["started"] = True
+                if not state["body_done"]:
+                    # Answered before the body was read (an unknown product, say): close, or the
+                    # server would read and discard the rest of a body of any size.
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 hdrs = dict(message.get("headers") or [])
                 if demo and hdrs.get(b"content-type", b"").startswith(b"application/json"):
                     start_message.update(message)

@@ -85,6 +85,11 @@ class ReferenceStore:
             self.store.delete(key)
 
     # ---------------------------------------------------------------- writing
+    def check_writable(self) -> None:
+        """Raise :class:`service.cache.StoreUnavailable` (503) now, before any model work, if
+        the store would refuse the write."""
+        self.store.check_writable()
+
     def has_blob(self, key: str) -> bool:
         return self.store.get(key) is not None
 

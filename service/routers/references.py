@@ -68,6 +68,7 @@ async def add_references(
     det = loaded.detector
     if not det.supports_references:
         raise ApiError(400, "references_not_supported", f"method {det.method!r} does not use golden images")
+    await run_in_threadpool(services.references.check_writable)  # 503 before reading or encoding
     if media_type(request.headers.get("content-type")) != "multipart/form-data":
         raise ApiError(
             415, "unsupported_media_type", "upload golden images as multipart/form-data (field 'images')"
