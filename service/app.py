@@ -150,6 +150,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loader.cancel()
         for lm in list(services.methods.values()):
             await lm.queue.close()
+        services.inspection.close()
         services.cache.close()
         if services.store is not services.cache:
             services.store.close()

@@ -7,8 +7,10 @@ into an HTTP answer; this module does the rest, in order:
 2. decide the threshold (the product's, else the generic one);
 3. decode the image off the event loop;
 4. look up the product's reference set (golden images) for the method;
-5. queue the image for the method's batching worker (503 full, 504 deadline);
-6. decide and render (JSON body or PNG overlay), and observe stage metrics.
+5. encode the product's prompts if not done yet, on a text thread, NOT on the model's
+   batch worker (:mod:`service.text_work`), so one product's prompts never stall others;
+6. queue the image for the method's batching worker (503 full, 504 deadline);
+7. decide and render (JSON body or PNG overlay), and observe stage metrics.
 
 Records, result caching, calibration and stream banks join the request path here,
 never in the router. No tensor maths: detectors and :mod:`models.postprocess` do that.
@@ -33,6 +35,7 @@ from service.errors import ApiError
 from service.imaging import decode_image
 from service.queue import QueueClosed, QueueFull, QueueTimeout, batch_key
 from service.schemas import DEMO_WARNING
+from service.text_work import TextTimeout, TextWork
 
 GENERIC_THRESHOLD = 0.5
 DEMO_LABEL = "DEMO: random-init model, not a real result"
@@ -92,6 +95,10 @@ class InspectionFlow:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.text_work = TextWork()  # prompt encoding, off the models' batch workers
+
+    def close(self) -> None:
+        self.text_work.close()
 
     # ------------------------------------------------------------ resolution
     async def resolve(self, params: InspectParams) -> tuple[ProductRecipe | None, LoadedMethod]:
@@ -139,7 +146,9 @@ class InspectionFlow:
             services.metrics.cache_lookup("references", references is not None)
         clock.lap("references")
 
-        result, qinfo = await self._submit(loaded, image, recipe, references, ref_key)
+        timeout_s = settings.request_timeout_s - await self._prepare_text(loaded, recipe)
+        clock.lap("prompts")
+        result, qinfo = await self._submit(loaded, image, recipe, references, ref_key, timeout_s)
         clock.stages["queue_wait"] = qinfo["queue_wait"]
         clock.stages["inference"] = qinfo["inference"]
         clock.last = time.perf_counter()
@@ -174,6 +183,14 @@ class InspectionFlow:
         self._observe(inspection)
         return inspection
 
+    async def _prepare_text(self, loaded: LoadedMethod, recipe: ProductRecipe | None) -> float:
+        """Encode the product's prompts off the model's worker (seconds spent; 504 past the deadline)."""
+        timeout_s = self.services.settings.request_timeout_s
+        try:
+            return await self.text_work.prepare(loaded.method, loaded.detector, recipe, timeout_s=timeout_s)
+        except TextTimeout as exc:
+            raise ApiError(504, "timeout", str(exc), timeout_s=timeout_s) from None
+
     async def _submit(
         self,
         loaded: LoadedMethod,
@@ -181,6 +198,7 @@ class InspectionFlow:
         recipe: ProductRecipe | None,
         references: ReferenceSet | None,
         ref_key: str | None,
+        timeout_s: float,
     ) -> tuple[AnomalyResult, dict[str, float]]:
         settings = self.services.settings
         try:
@@ -189,7 +207,7 @@ class InspectionFlow:
                 key=batch_key(recipe, references, ref_key),
                 product=recipe,
                 references=references,
-                timeout_s=settings.request_timeout_s,
+                timeout_s=max(timeout_s, 0.001),
             )
         except QueueFull as exc:
             raise ApiError(
@@ -257,6 +275,7 @@ class InspectionFlow:
             "read": t.get("read", 0.0),
             "decode": t.get("decode", 0.0),
             "references": t.get("references", 0.0),
+            "prompts": t.get("prompts", 0.0),
             "queue_wait": t.get("queue_wait", 0.0),
             "inference": t.get("inference", 0.0),
             **{f"model_{k}": float(v) for k, v in ins.result.timings.items()},
@@ -282,7 +301,7 @@ class InspectionFlow:
     # ---------------------------------------------------------------- metrics
     def _observe(self, ins: Inspection) -> None:
         stage = self.services.metrics.stage
-        for name in ("read", "decode", "references", "queue_wait", "inference", "render", "total"):
+        for name in ("read", "decode", "references", "prompts", "queue_wait", "inference", "render", "total"):
             if name in ins.timings:
                 stage.labels(method=ins.method, stage=name).observe(ins.timings[name])
 

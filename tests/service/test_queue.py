@@ -289,3 +289,68 @@ def test_many_short_deadline_requests_get_504_never_500():
     assert set(codes) <= {200, 503, 504}, sorted(set(codes))
     assert codes.count(504) > 0
     assert all(ct.startswith("application/json") for c, ct in answers if c != 200)
+
+
+class SlowTextDetector(SlowDetector):
+    """Like the real WinCLIP: ``predict_batch`` uses cached text prototypes, computed on first use.
+
+    Computing them takes ``text_s`` per product (a product with many prompt states).
+    """
+
+    def __init__(self, delay_s: float, text_s: float) -> None:
+        super().__init__(delay_s)
+        self.text_s = text_s
+        self.text_threads: list[str] = []
+        self._protos: dict[str, np.ndarray] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._text_lock = threading.Lock()
+
+    def prompt_digest(self, object_name: str | None = None, product: Any = None) -> str:
+        return product.id if product is not None else "generic"
+
+    def text_prototypes(self, object_name: str | None = None, product: Any = None) -> np.ndarray:
+        digest = self.prompt_digest(object_name, product)
+        cached = self._protos.get(digest)
+        if cached is not None:
+            return cached
+        with self._text_lock:  # one lock per prompt set, as WinCLIP has
+            lock = self._locks.setdefault(digest, threading.Lock())
+        with lock:
+            if digest not in self._protos:
+                self.text_threads.append(threading.current_thread().name)
+                time.sleep(self.text_s)
+                self._protos[digest] = np.zeros(2, np.float32)
+            return self._protos[digest]
+
+    def predict_batch(self, images, *, object_name=None, product=None, references=None):
+        self.text_prototypes(object_name, product)
+        return super().predict_batch(images, object_name=object_name, product=product, references=references)
+
+
+def test_one_products_text_encoding_does_not_block_other_products(app_client):
+    """Issue 10, item 4: a product whose prompts take long to encode must not stall the queue."""
+    det = SlowTextDetector(delay_s=0.01, text_s=2.0)
+    data = png_bytes(random_image(9))
+    with app_client(factory=lambda *a, **k: det, max_wait_ms=0, request_timeout_s=30) as (client, _):
+        assert client.put("/products/wordy", json={"object_name": "wordy part"}).status_code == 201
+        client.post("/inspect?product=bottle", content=data, headers=RAW)  # bottle's prototypes ready
+        slow: dict[str, Any] = {}
+
+        def wordy() -> None:
+            t = time.monotonic()
+            slow["status"] = client.post("/inspect?product=wordy", content=data, headers=RAW).status_code
+            slow["seconds"] = time.monotonic() - t
+
+        worker = threading.Thread(target=wordy)
+        worker.start()
+        time.sleep(0.3)  # wordy's text encoding is under way
+        latencies = []
+        for _ in range(5):
+            t = time.monotonic()
+            assert client.post("/inspect?product=bottle", content=data, headers=RAW).status_code == 200
+            latencies.append(time.monotonic() - t)
+        worker.join()
+    assert slow["status"] == 200 and slow["seconds"] >= det.text_s
+    # bottle's answers came while wordy's prompts were being encoded (each far below 2 s)
+    assert sum(latencies) < det.text_s * 0.75, latencies
+    assert all(not name.startswith("model-") for name in det.text_threads), det.text_threads
