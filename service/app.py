@@ -230,6 +230,7 @@ def create_app(
         description=API_DESCRIPTION,
         lifespan=lifespan,
         docs_url=None if assets else "/docs",
+        redoc_url=None,  # ReDoc loads its script from a CDN; lines are often offline: /docs only
     )
     if assets:
         _local_docs(app, assets, title)

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service.deps import ServicesDep
 from service.errors import error_body
-from service.schemas import ErrorBody, Health, Ready
+from service.schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -21,9 +21,9 @@ async def health_check() -> Health:
     "/ready",
     response_model=Ready,
     summary="Ready when every configured method is loaded",
-    responses={
-        503: {"model": ErrorBody, "description": "Loading, or weights missing (with the fetch command)"}
-    },
+    responses=error_responses(
+        s503=("Loading (Retry-After), or weights missing (with the fetch command)", "not_ready")
+    ),
 )
 async def ready(services: ServicesDep) -> Ready | JSONResponse:
     states = services.method_states()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import ApiKeyDep, ServicesDep
-from service.schemas import ModelInfo, ModelsOut
+from service.schemas import UNAUTHORIZED, ModelInfo, ModelsOut
 
-router = APIRouter(prefix="/models", tags=["system"], dependencies=[ApiKeyDep])
+router = APIRouter(prefix="/models", tags=["system"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED)
 
 
 @router.get("", response_model=ModelsOut, summary="Loaded methods, device, weights and demo flag")
