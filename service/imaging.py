@@ -93,8 +93,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int, name: str = "i
         orientation = _stored_orientation(im)
         try:
             im.load()
-            im = _undo_orientation(im, orientation)
-            arr = _to_rgb(im)
+            arr = _to_rgb(_undo_orientation(im, orientation))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ApiError(
                 400, "truncated_image", f"{name}: the image data is truncated or corrupt ({exc})"
