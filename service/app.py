@@ -17,6 +17,7 @@ from service.cache import ArrayCacheAdapter, BlobCache, FileStore, LocalCache, R
 from service.deps import DetectorFactory, LoadedMethod, Services
 from service.errors import install_error_handlers
 from service.inspection import InspectionFlow
+from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 from service.products import ProductStore
@@ -71,6 +72,14 @@ def _weights_failure(method: str, settings: Settings, exc: Exception) -> dict[st
     return info
 
 
+def store_namespace(settings: Settings) -> tuple[str, Path]:
+    """(Redis key prefix, data directory): demo mode gets its own, so that products and golden
+    images created on random-init models never show up in the real service."""
+    if settings.demo:
+        return f"{settings.key_prefix}demo:", Path(settings.data_dir) / "demo"
+    return settings.key_prefix, Path(settings.data_dir)
+
+
 def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, BlobCache]:
     """(cache for prototypes, durable store for products and references)."""
     local = LocalCache(max_bytes=settings.local_cache_mb * 1024 * 1024)
@@ -84,14 +93,24 @@ def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, Blob
         shared = ResilientCache(redis, local, retry_s=settings.redis_retry_s, on_state=on_state)
         return shared, shared.durable()  # writes of user data reach Redis or are refused (503)
     metrics.cache_backend_up.set(0)
-    return local, FileStore(Path(settings.data_dir) / "store")
+    return local, FileStore(store_namespace(settings)[1] / "store")
 
 
 async def _load_models(app: FastAPI) -> None:
     services: Services = app.state.services
     settings = services.settings
     try:
-        services.device = await asyncio.to_thread(resolve_device, settings.device)
+        if settings.demo and settings.device == "auto":
+            services.device = "cpu"  # tiny random-init models: no GPU start-up for a demo
+        else:
+            services.device = await asyncio.to_thread(resolve_device, settings.device)
+            if settings.device == "auto" and services.device == "cpu":
+                note = (
+                    "ZSI_DEVICE=auto found no CUDA GPU: running on the CPU (WinCLIP takes seconds "
+                    "per image). Check the GPU / driver / CUDA torch, or set ZSI_DEVICE=cpu to choose it."
+                )
+                services.warnings.append(note)
+                log.warning(note)
         for method in settings.methods:
             t0 = time.perf_counter()
             try:
@@ -195,12 +214,13 @@ def create_app(
             their own; default :func:`default_detector_factory`).
     """
     settings = settings or Settings()
-    logging.basicConfig(level=logging.INFO)
+    configure_logging(settings.log_level)
     metrics_ = Metrics()
     cache, store = _build_stores(settings, metrics_)
+    key_prefix = store_namespace(settings)[0]
     array_cache = ArrayCacheAdapter(
         cache,
-        prefix=f"{settings.key_prefix}arr:",
+        prefix=f"{key_prefix}arr:",
         ttl_s=settings.cache_ttl_s or None,
         on_lookup=lambda hit: metrics_.cache_lookup("text_prototypes", hit),
         on_corrupt=lambda: metrics_.cache_corrupt.labels(kind="text_prototypes").inc(),
@@ -215,9 +235,9 @@ def create_app(
         cache=cache,
         store=store,
         array_cache=array_cache,
-        products=ProductStore(store, prefix=settings.key_prefix, on_corrupt=corrupt),
+        products=ProductStore(store, prefix=key_prefix, on_corrupt=corrupt),
         references=ReferenceStore(
-            store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s, on_corrupt=corrupt
+            store, prefix=key_prefix, ttl_s=settings.reference_ttl_s, on_corrupt=corrupt
         ),
         detector_factory=detector_factory or default_detector_factory,
     )

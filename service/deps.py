@@ -52,6 +52,8 @@ class Services:
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
     loaded: asyncio.Event | None = None
+    #: things an operator must know (e.g. the CPU fallback of ZSI_DEVICE=auto): /ready and /models
+    warnings: list[str] = field(default_factory=list)
     #: the inspection flow between the /inspect router and the queues (set by create_app)
     inspection: InspectionFlow = field(init=False)
 

@@ -239,6 +239,9 @@ class ModelInfo(BaseModel):
 
 class ModelsOut(Tagged):
     device: str | None
+    warnings: list[str] = Field(
+        default_factory=list, description="E.g. ZSI_DEVICE=auto fell back to the CPU."
+    )
     demo_mode: bool
     cache: str = Field(description="Cache backend in use (e.g. redis+local, local).")
     cache_backend_up: bool
@@ -251,4 +254,8 @@ class Health(BaseModel):
 
 class Ready(Tagged):
     status: Literal["ready"] = "ready"
+    device: str | None = Field(default=None, description="Where the models run (cpu, cuda).")
+    warnings: list[str] = Field(
+        default_factory=list, description="E.g. ZSI_DEVICE=auto fell back to the CPU."
+    )
     methods: dict[str, dict[str, Any]]

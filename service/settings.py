@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     methods: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("winclip",), description="Comma list of methods loaded at startup."
     )
-    demo: bool = Field(default=False, description="Tiny random-init models; every answer labelled demo.")
+    demo: bool = Field(
+        default=False,
+        description="Tiny random-init models on the CPU; every answer labelled demo; products and "
+        "golden images kept apart (key prefix + 'demo:', ZSI_DATA_DIR/demo).",
+    )
     api_key: SecretStr | None = Field(default=None, description="When set, requests need header X-API-Key.")
     data_dir: Path = Field(
         default=Path("data"), description="Where products/references persist without Redis."
@@ -58,6 +62,14 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
     backend: Literal["torch", "onnx"] = Field(default="torch", description="Visual tower backend.")
     max_regions: int = Field(default=100, ge=0, description="Most regions listed in an /inspect answer.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Level of the service's own loggers (third-party ones: WARNING)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("methods", mode="before")
     @classmethod

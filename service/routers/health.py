@@ -28,7 +28,7 @@ async def health_check() -> Health:
 async def ready(services: ServicesDep) -> Ready | JSONResponse:
     states = services.method_states()
     if all(s["state"] == "loaded" for s in states.values()):
-        return Ready(methods=states)
+        return Ready(methods=states, device=services.device, warnings=services.warnings)
     failed = {m: s for m, s in states.items() if s["state"] == "failed"}
     if failed:
         fetch = [s["fetch"] for s in failed.values() if s.get("fetch")]
@@ -43,4 +43,8 @@ async def ready(services: ServicesDep) -> Ready | JSONResponse:
         headers = None
     else:
         message, code, headers = "not ready: models are loading", "not_ready", {"Retry-After": "2"}
-    return JSONResponse(error_body(code, message, methods=states), status_code=503, headers=headers)
+    return JSONResponse(
+        error_body(code, message, methods=states, device=services.device, warnings=services.warnings),
+        status_code=503,
+        headers=headers,
+    )

@@ -14,6 +14,7 @@ router = APIRouter(prefix="/models", tags=["system"], dependencies=[ApiKeyDep], 
 async def list_models(services: ServicesDep) -> ModelsOut:
     return ModelsOut(
         device=services.device,
+        warnings=services.warnings,
         demo_mode=services.demo,
         cache=services.cache.name,
         cache_backend_up=services.cache.healthy() if services.settings.redis_url else False,
