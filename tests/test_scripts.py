@@ -76,3 +76,11 @@ def test_install_runs_once_then_skips_until_pyproject_changes(checkout: Path) ->
 
     _, calls, _ = run_install(checkout, ZSI_FORCE_INSTALL="1")
     assert pip_installs(calls), calls
+
+
+def test_runtime_folders_are_git_ignored() -> None:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("data/store/x", "data/demo/store/y", "weights/a.pt", "out/a.overlay.png", ".venv"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+        assert done.returncode == 0, f"{path} is not ignored"
