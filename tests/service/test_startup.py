@@ -29,22 +29,26 @@ def test_products_created_in_demo_mode_stay_out_of_the_real_store(app_client):
 
 @pytest.mark.redis
 def test_demo_and_real_use_separate_redis_keys(app_client, redis_url, key_prefix):
-    with app_client(factory=default_detector_factory, demo=True, redis_url=redis_url, key_prefix=key_prefix) as (
+    with app_client(
+        factory=default_detector_factory, demo=True, redis_url=redis_url, key_prefix=key_prefix
+    ) as (
         client,
         _,
     ):
         assert client.put("/products/demo-part", json={"object_name": "demo part"}).status_code == 201
-    with app_client(factory=tiny_factory, demo=False, redis_url=redis_url, key_prefix=key_prefix) as (client, _):
+    with app_client(factory=tiny_factory, demo=False, redis_url=redis_url, key_prefix=key_prefix) as (
+        client,
+        _,
+    ):
         assert client.get("/products/demo-part").status_code == 404
         assert "demo-part" not in {p["id"] for p in client.get("/products").json()["products"]}
 
 
 def test_auto_device_falling_back_to_cpu_is_a_warning_in_ready_and_models(app_client, monkeypatch, caplog):
     monkeypatch.setattr("service.app.resolve_device", lambda device: "cpu")
-    with caplog.at_level(logging.INFO, logger="service"):
-        with app_client(device="auto") as (client, _):
-            ready = client.get("/ready").json()
-            models = client.get("/models").json()
+    with caplog.at_level(logging.INFO, logger="service"), app_client(device="auto") as (client, _):
+        ready = client.get("/ready").json()
+        models = client.get("/models").json()
     assert ready["device"] == "cpu" and any("no CUDA GPU" in w for w in ready["warnings"]), ready
     assert any("no CUDA GPU" in w for w in models["warnings"]), models
     assert any(r.levelno == logging.WARNING and "no CUDA GPU" in r.getMessage() for r in caplog.records)
