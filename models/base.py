@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.serialization import pack_arrays, unpack_arrays
+from models.serialization import SerializationError, pack_arrays, unpack_arrays
 
 if TYPE_CHECKING:
     from prompts import ProductRecipe
@@ -107,16 +107,14 @@ class ReferenceSet:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> ReferenceSet:
+        """Decode :meth:`to_bytes` output; any malformed blob raises :class:`SerializationError`."""
         arrays, meta = unpack_arrays(blob)
-        hashes = meta.get("image_hashes", [])
-        if not isinstance(hashes, list):
-            raise ValueError("corrupt reference blob")
-        return cls(
-            method=str(meta["method"]),
-            model_key=str(meta["model_key"]),
-            image_hashes=tuple(str(h) for h in hashes),
-            arrays=arrays,
-        )
+        method, model_key, hashes = meta.get("method"), meta.get("model_key"), meta.get("image_hashes")
+        if not isinstance(method, str) or not isinstance(model_key, str):
+            raise SerializationError("corrupt reference blob: method and model_key must be strings")
+        if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+            raise SerializationError("corrupt reference blob: image_hashes must be a list of strings")
+        return cls(method=method, model_key=model_key, image_hashes=tuple(hashes), arrays=arrays)
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ raw data. Only plain numeric dtypes are accepted, so decoding can never execute 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 
@@ -49,28 +50,65 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, object] | N
     return MAGIC + bytes([VERSION]) + struct.pack("<I", len(header)) + header + b"".join(chunks)
 
 
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SerializationError(f"corrupt blob header: {what} must be a non-negative integer")
+    return value
+
+
 def unpack_arrays(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Decode a packed blob; every malformed blob raises :class:`SerializationError`.
+
+    The header is checked strictly before any data is read: a JSON object with an
+    ``arrays`` list and a ``meta`` object; per array a unique name, an allowed dtype, a
+    shape of non-negative integers with ``prod(shape) * itemsize == nbytes``, and a byte
+    range inside the data; the data ends where the last array ends.
+    """
     if len(blob) < 9 or blob[:4] != MAGIC:
         raise SerializationError("not a packed array blob")
     if blob[4] != VERSION:
         raise SerializationError(f"unsupported blob version {blob[4]}")
     (hlen,) = struct.unpack("<I", blob[5:9])
+    if 9 + hlen > len(blob):
+        raise SerializationError("truncated blob header")
     try:
         header = json.loads(blob[9 : 9 + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SerializationError("corrupt blob header") from exc
+    if not isinstance(header, dict):
+        raise SerializationError("corrupt blob header: not a JSON object")
+    entries = header.get("arrays", [])
+    meta = header.get("meta", {})
+    if not isinstance(entries, list) or not isinstance(meta, dict):
+        raise SerializationError("corrupt blob header: 'arrays' must be a list and 'meta' an object")
     data = memoryview(blob)[9 + hlen :]
     out: dict[str, np.ndarray] = {}
-    for e in header.get("arrays", []):
-        if e["dtype"] not in _ALLOWED_DTYPES:
-            raise SerializationError(f"dtype {e['dtype']} not allowed")
-        dtype = np.dtype(e["dtype"]).newbyteorder("<")
-        start, n = int(e["offset"]), int(e["nbytes"])
+    end = 0
+    for e in entries:
+        if not isinstance(e, dict):
+            raise SerializationError("corrupt blob header: an array entry is not an object")
+        name, dtype_name, shape = e.get("name"), e.get("dtype"), e.get("shape")
+        if not isinstance(name, str) or name in out:
+            raise SerializationError(f"corrupt blob header: bad or repeated array name {name!r}")
+        if not isinstance(dtype_name, str) or dtype_name not in _ALLOWED_DTYPES:
+            raise SerializationError(f"dtype {dtype_name!r} not allowed")
+        if not isinstance(shape, list):
+            raise SerializationError(f"corrupt blob header: shape of {name!r} is not a list")
+        dims = [_int(d, f"shape of {name!r}") for d in shape]
+        start, n = _int(e.get("offset"), "offset"), _int(e.get("nbytes"), "nbytes")
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        if math.prod(dims) * dtype.itemsize != n:
+            raise SerializationError(
+                f"corrupt blob: {name!r} shape {dims} x {dtype_name} is not its {n} bytes"
+            )
         if start + n > len(data):
             raise SerializationError("truncated blob")
-        arr = np.frombuffer(data[start : start + n], dtype=dtype).reshape(e["shape"])
-        out[e["name"]] = arr.astype(dtype.newbyteorder("="), copy=True)
-    return out, dict(header.get("meta", {}))
+        end = max(end, start + n)
+        arr = np.frombuffer(data[start : start + n], dtype=dtype).reshape(dims)
+        out[name] = arr.astype(dtype.newbyteorder("="), copy=True)
+    if end != len(data):
+        raise SerializationError(f"corrupt blob: {len(data) - end} bytes after the last array")
+    return out, dict(meta)
 
 
 def pack_array(array: np.ndarray) -> bytes:

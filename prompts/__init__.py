@@ -28,14 +28,25 @@ PRODUCTS_DIR = PROMPTS_DIR / "products"
 PRODUCT_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 METHODS = ("winclip", "anomalyclip", "saa_plus")
 
+#: Bounds of the prompt fields. Every state goes into every one of the ensemble's 21
+#: templates, and each prompt is encoded by the text tower on a product's first use:
+#: 32 extra states each way is ~7x the built-in ensemble (~1,600 prompts), while
+#: thousands of states took minutes. CLIP reads 77 tokens at most anyway.
+MAX_EXTRA_STATES = 32
+MAX_STATE_CHARS = 120
+MAX_OBJECT_NAME_CHARS = 80
+MAX_DATASET_CHARS = 80
+
 
 class PromptFileError(ValueError):
     """A prompt or product file is missing, not JSON, or does not match its schema."""
 
 
-def _check_state(value: str) -> str:
+def _check_state(value: str, max_chars: int | None = None) -> str:
     if value.count("{}") != 1:
         raise ValueError(f"state {value!r} must contain the object placeholder '{{}}' exactly once")
+    if max_chars is not None and len(value) > max_chars:
+        raise ValueError(f"state {value[:40]!r}... is longer than {max_chars} characters")
     return value
 
 
@@ -52,16 +63,26 @@ class ProductRecipe(BaseModel):
         pattern=PRODUCT_ID_PATTERN, description="Product id, lowercase letters, digits, '_' or '-'."
     )
     object_name: str = Field(
-        min_length=1, max_length=80, description="Noun phrase used in prompts, e.g. 'metal nut'."
+        min_length=1,
+        max_length=MAX_OBJECT_NAME_CHARS,
+        description="Noun phrase used in prompts, e.g. 'metal nut' (no braces).",
     )
     dataset: str | None = Field(
-        default=None, description="Origin of a built-in recipe (mvtec_ad, visa) or null."
+        default=None,
+        max_length=MAX_DATASET_CHARS,
+        description="Origin of a built-in recipe (mvtec_ad, visa) or null.",
     )
     extra_normal_states: tuple[str, ...] = Field(
-        default=(), description="Extra normal state phrases, e.g. 'clean {}'."
+        default=(),
+        max_length=MAX_EXTRA_STATES,
+        description=f"Extra normal state phrases, e.g. 'clean {{}}': at most {MAX_EXTRA_STATES}, "
+        f"each 1-{MAX_STATE_CHARS} characters with the object placeholder '{{}}' exactly once.",
     )
     extra_anomalous_states: tuple[str, ...] = Field(
-        default=(), description="Extra anomalous state phrases, e.g. 'cracked {}'."
+        default=(),
+        max_length=MAX_EXTRA_STATES,
+        description=f"Extra anomalous state phrases, e.g. 'cracked {{}}': at most {MAX_EXTRA_STATES}, "
+        f"each 1-{MAX_STATE_CHARS} characters with the object placeholder '{{}}' exactly once.",
     )
     threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
@@ -80,7 +101,7 @@ class ProductRecipe(BaseModel):
     @classmethod
     def _states_have_placeholder(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for v in values:
-            _check_state(v)
+            _check_state(v, MAX_STATE_CHARS)
         return values
 
     @field_validator("default_method")
@@ -228,6 +249,10 @@ def is_valid_product_id(product_id: str) -> bool:
 
 
 __all__ = [
+    "MAX_DATASET_CHARS",
+    "MAX_EXTRA_STATES",
+    "MAX_OBJECT_NAME_CHARS",
+    "MAX_STATE_CHARS",
     "METHODS",
     "PRODUCTS_DIR",
     "PROMPTS_DIR",

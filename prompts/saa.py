@@ -45,6 +45,8 @@ DEFAULT_OBJECT_COUNT = 1
 DEFAULT_MAX_ANOMALIES = 5
 DEFAULT_MAX_AREA_RATIO = 0.9
 DEFAULT_MIN_OBJECT_OVERLAP = 0.5
+#: Each defect prompt costs one GroundingDINO pass per image (built-ins use at most 6).
+MAX_DEFECT_PROMPTS = 16
 
 
 class SaaDefectPrompt(BaseModel):
@@ -74,7 +76,11 @@ class SaaSection(BaseModel):
     max_area_ratio: float = Field(default=DEFAULT_MAX_AREA_RATIO, gt=0.0, le=1.0)
     min_object_overlap: float = Field(default=DEFAULT_MIN_OBJECT_OVERLAP, ge=0.0, le=1.0)
     use_general_prompts: bool = True
-    defect_prompts: tuple[SaaDefectPrompt, ...] = ()
+    defect_prompts: tuple[SaaDefectPrompt, ...] = Field(
+        default=(),
+        max_length=MAX_DEFECT_PROMPTS,
+        description=f"At most {MAX_DEFECT_PROMPTS}: each is one GroundingDINO pass per image.",
+    )
     box_threshold: float = Field(default=DEFAULT_BOX_THRESHOLD, ge=0.0, lt=1.0)
     text_threshold: float = Field(default=DEFAULT_TEXT_THRESHOLD, ge=0.0, lt=1.0)
     note: str | None = Field(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.base import ArrayCache, Detector, WeightsError
 from service.cache import ArrayCacheAdapter, BlobCache, FileStore, LocalCache, RedisCache, ResilientCache
 from service.deps import DetectorFactory, LoadedMethod, Services
-from service.errors import ApiError, error_body, install_error_handlers
+from service.errors import install_error_handlers
 from service.inspection import InspectionFlow
+from service.logs import configure_logging
 from service.metrics import Metrics
+from service.middleware import ServiceMiddleware
 from service.products import ProductStore
 from service.queue import InferenceQueue
 from service.records import RecordService
@@ -74,6 +74,14 @@ def _weights_failure(method: str, settings: Settings, exc: Exception) -> dict[st
     return info
 
 
+def store_namespace(settings: Settings) -> tuple[str, Path]:
+    """(Redis key prefix, data directory): demo mode gets its own, so that products and golden
+    images created on random-init models never show up in the real service."""
+    if settings.demo:
+        return f"{settings.key_prefix}demo:", Path(settings.data_dir) / "demo"
+    return settings.key_prefix, Path(settings.data_dir)
+
+
 def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, BlobCache]:
     """(cache for prototypes, durable store for products and references)."""
     local = LocalCache(max_bytes=settings.local_cache_mb * 1024 * 1024)
@@ -85,9 +93,9 @@ def _build_stores(settings: Settings, metrics: Metrics) -> tuple[BlobCache, Blob
             metrics.cache_backend_up.set(1 if up else 0)
 
         shared = ResilientCache(redis, local, retry_s=settings.redis_retry_s, on_state=on_state)
-        return shared, shared
+        return shared, shared.durable()  # writes of user data reach Redis or are refused (503)
     metrics.cache_backend_up.set(0)
-    return local, FileStore(Path(settings.data_dir) / "store")
+    return local, FileStore(store_namespace(settings)[1] / "store")
 
 
 def _build_records(settings: Settings, metrics: Metrics) -> RecordService:
@@ -130,7 +138,17 @@ async def _load_models(app: FastAPI) -> None:
     services: Services = app.state.services
     settings = services.settings
     try:
-        services.device = await asyncio.to_thread(resolve_device, settings.device)
+        if settings.demo and settings.device == "auto":
+            services.device = "cpu"  # tiny random-init models: no GPU start-up for a demo
+        else:
+            services.device = await asyncio.to_thread(resolve_device, settings.device)
+            if settings.device == "auto" and services.device == "cpu":
+                note = (
+                    "ZSI_DEVICE=auto found no CUDA GPU: running on the CPU (WinCLIP takes seconds "
+                    "per image). Check the GPU / driver / CUDA torch, or set ZSI_DEVICE=cpu to choose it."
+                )
+                services.warnings.append(note)
+                log.warning(note)
         for method in settings.methods:
             t0 = time.perf_counter()
             try:
@@ -193,121 +211,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await lm.queue.close()
         if services.records is not None:
             await asyncio.to_thread(services.records.stop)
+        services.inspection.close()
         services.cache.close()
         if services.store is not services.cache:
             services.store.close()
-
-
-class ServiceMiddleware:
-    """Pure ASGI: body-size cap, per-route request metrics, demo labels on every JSON answer."""
-
-    def __init__(self, app: ASGIApp, services: Services) -> None:
-        self.app = app
-        self.services = services
-
-    def _limit(self, path: str) -> int:
-        s = self.services.settings
-        slack = 1024 * 1024  # multipart framing and form fields
-        if path.rstrip("/").endswith("/references"):
-            return s.max_image_bytes * s.max_reference_images + slack
-        return s.max_image_bytes + slack
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self._limit(scope.get("path", ""))
-        demo = self.services.demo and scope.get("path") != "/openapi.json"
-        started = time.perf_counter()
-        status_holder = {"status": 500}
-
-        async def reply(status: int, body: dict[str, Any]) -> None:
-            payload = json.dumps(body).encode()
-            status_holder["status"] = status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": payload})
-
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await reply(
-                413,
-                error_body(
-                    "payload_too_large",
-                    f"the request body is larger than the limit of {limit} bytes",
-                    max_bytes=limit,
-                ),
-            )
-            self._observe(scope, status_holder["status"], started)
-            return
-
-        received = 0
-
-        async def capped_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise ApiError(
-                        413,
-                        "payload_too_large",
-                        f"the request body is larger than the limit of {limit} bytes",
-                        max_bytes=limit,
-                    )
-            return message
-
-        start_message: dict[str, Any] = {}
-        body_parts: list[bytes] = []
-
-        async def tagging_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
-                hdrs = dict(message.get("headers") or [])
-                if demo and hdrs.get(b"content-type", b"").startswith(b"application/json"):
-                    start_message.update(message)
-                    return
-                await send(message)
-                return
-            if message["type"] == "http.response.body" and start_message:
-                body_parts.append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return
-                body = b"".join(body_parts)
-                try:
-                    doc = json.loads(body)
-                    if isinstance(doc, dict):
-                        doc["demo"] = True
-                        doc["warning"] = DEMO_WARNING
-                        body = json.dumps(doc).encode()
-                except ValueError:
-                    pass
-                kept = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
-                kept.append((b"content-length", str(len(body)).encode()))
-                await send({**start_message, "headers": kept})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        try:
-            await self.app(scope, capped_receive, tagging_send)
-        finally:
-            self._observe(scope, status_holder["status"], started)
-
-    def _observe(self, scope: Scope, status: int, started: float) -> None:
-        route = scope.get("route")
-        label = getattr(route, "path", None) or "unmatched"
-        self.services.metrics.requests.labels(route=label, status=str(status)).inc()
-        self.services.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
 
 
 def _swagger_assets() -> Path | None:
@@ -349,23 +256,31 @@ def create_app(
             their own; default :func:`default_detector_factory`).
     """
     settings = settings or Settings()
-    logging.basicConfig(level=logging.INFO)
+    configure_logging(settings.log_level)
     metrics_ = Metrics()
     cache, store = _build_stores(settings, metrics_)
+    key_prefix = store_namespace(settings)[0]
     array_cache = ArrayCacheAdapter(
         cache,
-        prefix=f"{settings.key_prefix}arr:",
+        prefix=f"{key_prefix}arr:",
         ttl_s=settings.cache_ttl_s or None,
         on_lookup=lambda hit: metrics_.cache_lookup("text_prototypes", hit),
+        on_corrupt=lambda: metrics_.cache_corrupt.labels(kind="text_prototypes").inc(),
     )
+
+    def corrupt(kind: str) -> None:
+        metrics_.cache_corrupt.labels(kind=kind).inc()
+
     services = Services(
         settings=settings,
         metrics=metrics_,
         cache=cache,
         store=store,
         array_cache=array_cache,
-        products=ProductStore(store, prefix=settings.key_prefix),
-        references=ReferenceStore(store, prefix=settings.key_prefix, ttl_s=settings.reference_ttl_s),
+        products=ProductStore(store, prefix=key_prefix, on_corrupt=corrupt),
+        references=ReferenceStore(
+            store, prefix=key_prefix, ttl_s=settings.reference_ttl_s, on_corrupt=corrupt
+        ),
         detector_factory=detector_factory or default_detector_factory,
     )
     services.records = _build_records(settings, metrics_)
@@ -379,6 +294,7 @@ def create_app(
         description=API_DESCRIPTION,
         lifespan=lifespan,
         docs_url=None if assets else "/docs",
+        redoc_url=None,  # ReDoc loads its script from a CDN; lines are often offline: /docs only
     )
     if assets:
         _local_docs(app, assets, title)

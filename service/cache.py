@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +31,14 @@ log = logging.getLogger("service.cache")
 
 class CacheUnavailable(RuntimeError):
     """The backend (Redis) did not answer."""
+
+
+class StoreUnavailable(CacheUnavailable):
+    """A write to the shared store could not be made durable: refuse it (503), never fake it."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BlobCache(ABC):
@@ -52,6 +61,10 @@ class BlobCache(ABC):
 
     def healthy(self) -> bool:
         return True
+
+    def check_writable(self) -> None:
+        """Raise :class:`StoreUnavailable` when a write would be refused right now."""
+        return None
 
     def close(self) -> None:
         return None
@@ -244,8 +257,14 @@ class ResilientCache(BlobCache):
     """``primary`` (Redis) with a local ``fallback``; never raises because of the primary.
 
     Writes go to both (the fallback keeps a copy for outages). Reads come from the
-    primary while it is up; while it is down (after a failure, for ``retry_s``) from
-    the fallback. The first failure is logged once; recovery is logged too.
+    primary while it is up, and what they return is kept in the fallback too, so a
+    value this process has read is still served during an outage (a key the primary
+    no longer holds is dropped from the fallback). While the primary is down (after a
+    failure, for ``retry_s``) reads come from the fallback. The first failure is logged
+    once; recovery is logged too.
+
+    That is right for a cache. For data users create, :meth:`durable` gives the view
+    whose writes must reach the primary or raise :class:`StoreUnavailable`.
     """
 
     def __init__(
@@ -304,6 +323,11 @@ class ResilientCache(BlobCache):
                 self._failed(exc)
             else:
                 self._ok()
+                # Keep what was read for an outage (no TTL known here: the LRU bounds it).
+                if value is None:
+                    self.fallback.delete(key)
+                else:
+                    self.fallback.set(key, value)
                 return value
         return self.fallback.get(key)
 
@@ -345,6 +369,78 @@ class ResilientCache(BlobCache):
         self.primary.close()
         self.fallback.close()
 
+    # ------------------------------------------------------------ durable writes
+    def _refused(self, exc: CacheUnavailable) -> StoreUnavailable:
+        self._failed(exc)
+        return StoreUnavailable(
+            f"the shared store ({self.primary.name}) is unavailable, so the change was NOT saved; "
+            "retry when it is back",
+            retry_after_s=max(1, math.ceil(self.retry_s)),
+        )
+
+    def set_durable(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        """Write to the primary (always tried, even while marked down) or raise :class:`StoreUnavailable`."""
+        try:
+            self.primary.set(key, value, ttl_s)
+        except CacheUnavailable as exc:
+            raise self._refused(exc) from exc
+        self._ok()
+        self.fallback.set(key, value, ttl_s)
+
+    def delete_durable(self, key: str) -> None:
+        """Delete in the primary or raise :class:`StoreUnavailable` (a lost delete would resurrect data)."""
+        try:
+            self.primary.delete(key)
+        except CacheUnavailable as exc:
+            raise self._refused(exc) from exc
+        self._ok()
+        self.fallback.delete(key)
+
+    def check_writable(self) -> None:
+        if self._usable():
+            return
+        if self.primary.healthy():
+            self._ok()
+            return
+        raise self._refused(CacheUnavailable(f"{self.primary.name} does not answer"))
+
+    def durable(self) -> DurableStore:
+        return DurableStore(self)
+
+
+class DurableStore(BlobCache):
+    """The store view of a :class:`ResilientCache` for data users create (products, golden features).
+
+    Reads are the cache's (primary, else the kept local copy). Writes and deletes must
+    reach the primary, else they raise :class:`StoreUnavailable` and nothing changes:
+    an accepted write is never silently dropped when the primary comes back.
+    """
+
+    def __init__(self, shared: ResilientCache) -> None:
+        self.shared = shared
+        self.name = shared.name
+
+    def get(self, key: str) -> bytes | None:
+        return self.shared.get(key)
+
+    def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self.shared.set_durable(key, value, ttl_s)
+
+    def delete(self, key: str) -> None:
+        self.shared.delete_durable(key)
+
+    def keys(self, prefix: str) -> list[str]:
+        return self.shared.keys(prefix)
+
+    def healthy(self) -> bool:
+        return self.shared.healthy()
+
+    def check_writable(self) -> None:
+        self.shared.check_writable()
+
+    def close(self) -> None:
+        return None  # the shared cache is closed by its owner
+
 
 class ArrayCacheAdapter:
     """:class:`models.base.ArrayCache` on a :class:`BlobCache` (what detectors get as ``cache=``).
@@ -352,7 +448,8 @@ class ArrayCacheAdapter:
     Arrays are packed with :func:`models.serialization.pack_array`. Keys (computed by the
     detector from model, weights and prompt digest) are namespaced with ``prefix``.
     Decoded arrays are also kept in a small local LRU: the keys are content hashes, so
-    a value never changes meaning.
+    a value never changes meaning. A blob that does not decode is a miss: it is deleted
+    and counted (``on_corrupt``), and the detector recomputes the value.
     """
 
     def __init__(
@@ -362,12 +459,14 @@ class ArrayCacheAdapter:
         prefix: str = "zsi:arr:",
         ttl_s: float | None = None,
         on_lookup: Callable[[bool], None] | None = None,
+        on_corrupt: Callable[[], None] | None = None,
         local_items: int = 64,
     ) -> None:
         self.cache = cache
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._on_lookup = on_lookup
+        self._on_corrupt = on_corrupt
         self._local: OrderedDict[str, np.ndarray] = OrderedDict()
         self._local_items = local_items
         self._lock = threading.Lock()
@@ -387,9 +486,13 @@ class ArrayCacheAdapter:
             if blob is not None:
                 try:
                     value = unpack_array(blob)
-                except SerializationError:
-                    log.warning("dropping a corrupt cache entry %s", key)
-                    self.cache.delete(self.prefix + key)
+                except SerializationError as exc:
+                    # A miss: the caller recomputes and stores a good value over it.
+                    log.warning("dropping a corrupt cache entry %s: %s", key, exc)
+                    if self._on_corrupt:
+                        self._on_corrupt()
+                    with contextlib.suppress(CacheUnavailable):
+                        self.cache.delete(self.prefix + key)
                     value = None
                 if value is not None:
                     value.setflags(write=False)

@@ -32,6 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["ZSI_METHODS"] = args.methods
     if args.weights_dir:
         os.environ["ZSI_WEIGHTS_DIR"] = str(args.weights_dir)
+    if args.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        os.environ["ZSI_LOG_LEVEL"] = args.log_level.upper()
+    from service.logs import uvicorn_log_config
+
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -39,18 +43,21 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        log_config=uvicorn_log_config(args.log_level),  # timestamps on every line
     )
     return 0
 
 
 def _read_image(path: Path) -> Any:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    """``HWC uint8 RGB``, decoded as the service decodes uploads (orientation tags never applied)."""
+    from service.errors import ApiError
+    from service.imaging import decode_image
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+        return decode_image(path.read_bytes(), max_pixels=1_000_000_000, max_bytes=1 << 40, name=str(path))
+    except ApiError as exc:
+        raise SystemExit(f"error: {path}: not a readable image ({exc.message})") from exc
+    except OSError as exc:
         raise SystemExit(f"error: {path}: not a readable image ({exc})") from exc
 
 
@@ -70,7 +77,21 @@ def _inspect(args: argparse.Namespace) -> int:
     import models
     from models.postprocess import anomaly_map_png, boxes_above, overlay_png
     from prompts import ProductRecipe, builtin_products
+    from service.logs import configure_logging
 
+    configure_logging("WARNING")  # stdout is JSON lines; stderr only what matters
+    golden = [*(args.reference or []), *(args.references or [])]
+    if not args.images:
+        swallowed = " ".join(str(p) for p in args.references or [])
+        print(
+            "error: no image to inspect"
+            + (f": --references took every path after it ({swallowed})" if swallowed else "")
+            + ". Give one golden image or folder per --reference FILE_OR_DIR, put the images before "
+            "--references, or end its list with --, e.g. "
+            "`anomaly-inspect inspect --references a.png b.png -- part.png`",
+            file=sys.stderr,
+        )
+        return 2
     product: ProductRecipe | None = None
     if args.product:
         try:
@@ -98,10 +119,10 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     references = None
-    if args.references:
-        refs = [_read_image(p) for p in _expand(args.references)]
+    if golden:
+        refs = [_read_image(p) for p in _expand(golden)]
         if not refs:
-            print("error: --references holds no image", file=sys.stderr)
+            print("error: --reference/--references holds no image", file=sys.stderr)
             return 2
         references = det.encode_references(refs, object_name=args.object_name, product=product)
     out_dir = Path(args.out)
@@ -122,6 +143,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "weights": res.weights,
             "prompt_digest": res.prompt_digest,
             "used_references": res.used_references,
+            "reference_count": references.count if references is not None else 0,
             "overlay": str(overlay),
             "regions": [
                 b.as_dict() if hasattr(b, "as_dict") else b for b in boxes_above(res.anomaly_map, threshold)
@@ -241,8 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
-    i = sub.add_parser("inspect", help="inspect image files")
-    i.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    i = sub.add_parser(
+        "inspect",
+        help="inspect image files",
+        description="Inspect image files; golden images (WinCLIP+ few-shot): --reference FILE_OR_DIR, "
+        "once per file or folder, e.g. `inspect part.png --reference golden/` or "
+        "`inspect --reference a.png --reference b.png part.png`.",
+    )
+    i.add_argument("images", nargs="*", type=Path, help="image files or folders")
     i.add_argument(
         "--method",
         choices=["winclip", "anomalyclip", "saa_plus"],
@@ -251,7 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--product", help="built-in product id (e.g. bottle, pcb1)")
     i.add_argument("--object-name", help="object name for the prompts (overrides the product's)")
     i.add_argument(
-        "--references", nargs="+", type=Path, help="golden (normal) images or a folder: WinCLIP+ few-shot"
+        "--reference",
+        action="append",
+        type=Path,
+        metavar="FILE_OR_DIR",
+        help="a golden (normal) image, or a folder of them: WinCLIP+ few-shot; repeat for more",
+    )
+    i.add_argument(
+        "--references",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="several golden images or folders at once; takes EVERY path after it, so put the images "
+        "first or end the list with --",
     )
     i.add_argument("--threshold", type=float, help="decision threshold (default: the product's, else 0.5)")
     i.add_argument("--weights", type=Path, help="a checkpoint file (default: look in --weights-dir)")

@@ -58,6 +58,8 @@ class Services:
     records: RecordService | None = None
     #: per-image result cache; None when ZSI_RESULT_CACHE=false
     result_cache: ResultCache | None = None
+    #: things an operator must know (e.g. the CPU fallback of ZSI_DEVICE=auto): /ready and /models
+    warnings: list[str] = field(default_factory=list)
     #: the inspection flow between the /inspect router and the queues (set by create_app)
     inspection: InspectionFlow = field(init=False)
 

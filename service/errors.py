@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
+
+from service.cache import StoreUnavailable
 
 log = logging.getLogger("service")
 
@@ -53,10 +57,47 @@ _HTTP_CODES = {
 }
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method of every route on this path (Starlette's 405 names only the first route's).
+
+    Built once per app from its OpenAPI paths (public and stable across FastAPI versions)
+    plus the plain routes outside the schema.
+    """
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (compile_path(path)[0], {m.upper() for m in ops}) for path, ops in app.openapi()["paths"].items()
+        ]
+        for route in app.router.routes:
+            regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+            if regex is not None and route_methods:
+                table.append((regex, set(route_methods)))
+        app.state.allow_table = table
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for regex, route_methods in table:
+        if regex.match(path):
+            methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers or None, **exc.details)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return error_response(
+            503,
+            "store_unavailable",
+            str(exc),
+            {"Retry-After": str(exc.retry_after_s)},
+            retry_after_s=exc.retry_after_s,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -68,9 +109,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_parameters", f"invalid request: {summary}", problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

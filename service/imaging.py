@@ -37,10 +37,11 @@ async def read_capped(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
 
 
 def too_large_bytes(max_bytes: int) -> ApiError:
+    """413 ``payload_too_large``: the code of every byte limit (``image_too_large`` is for pixels)."""
     return ApiError(
         413,
-        "image_too_large",
-        f"the upload is larger than the limit of {max_bytes} bytes",
+        "payload_too_large",
+        f"the image is larger than the limit of {max_bytes} bytes (ZSI_MAX_IMAGE_BYTES)",
         max_bytes=max_bytes,
     )
 
@@ -51,6 +52,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int, name: str = "i
     Checks, in order: empty, byte size, a known image header, format, pixel count (read
     from the header, BEFORE decoding the pixels), then decodes (truncated files -> 400).
     Grey, palette, alpha and 16-bit images are converted to 8-bit RGB (16-bit: top 8 bits).
+    The EXIF/TIFF orientation tag is never applied, for any format: pixels as stored.
     """
     if not data:
         raise ApiError(400, "empty_body", f"{name}: the upload is empty")
@@ -88,14 +90,48 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int, name: str = "i
             )
         if w < 2 or h < 2:
             raise ApiError(400, "image_too_small", f"{name}: {w}x{h} is too small (at least 2x2)")
+        orientation = _stored_orientation(im)
         try:
             im.load()
-            arr = _to_rgb(im)
+            arr = _to_rgb(_undo_orientation(im, orientation))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ApiError(
                 400, "truncated_image", f"{name}: the image data is truncated or corrupt ({exc})"
             ) from None
     return arr
+
+
+#: EXIF/TIFF Orientation tag, and the transpose that UNDOES what ``ImageOps.exif_transpose`` does.
+_ORIENTATION_TAG = 0x0112
+_UNDO = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,  # exif_transpose rotates by 270
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,  # exif_transpose rotates by 90
+}
+
+
+def _stored_orientation(im: Image.Image) -> int:
+    """The orientation tag Pillow itself applies on load (TIFF only; 1 = none)."""
+    if im.format != "TIFF":
+        return 1  # Pillow leaves JPEG/PNG/BMP pixels as stored
+    value = getattr(im, "tag_v2", {}).get(_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) else 1
+
+
+def _undo_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    """Pixels as stored, for every format: the orientation tag is never applied.
+
+    A line camera's frames have a fixed geometry, and the anomaly map and the regions
+    must be in the pixel grid the camera sent (the one the plant archives and the golden
+    images share); a tag written by some encoder must not rotate them. Pillow applies a
+    TIFF's tag while loading, so it is undone here.
+    """
+    undo = _UNDO.get(orientation)
+    return im if undo is None else im.transpose(undo)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

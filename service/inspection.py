@@ -9,9 +9,11 @@ into an HTTP answer; this module does the rest, in order:
 4. look up the per-image result cache (:mod:`service.result_cache`, keyed by the sha256
    of the upload): a hit skips 5 (unless a PNG overlay is asked for) and 6;
 5. decode the image off the event loop;
-6. queue the image for the method's batching worker (503 full, 504 deadline);
-7. decide and render (JSON body or PNG overlay), and observe stage metrics;
-8. make the inspection record durable (:mod:`service.records`) before the answer leaves:
+6. encode the product's prompts if not done yet, on a text thread, NOT on the model's
+   batch worker (:mod:`service.text_work`), so one product's prompts never stall others;
+7. queue the image for the method's batching worker (503 full, 504 deadline);
+8. decide and render (JSON body or PNG overlay), and observe stage metrics;
+9. make the inspection record durable (:mod:`service.records`) before the answer leaves:
    answers AND refusals raised from step 1 on get a record and an ``inspection_id``.
 
 Records, result caching, calibration and stream banks join the request path here,
@@ -42,6 +44,7 @@ from service.queue import QueueClosed, QueueFull, QueueTimeout, batch_key
 from service.records.draft import RecordDraft, recipe_digest
 from service.result_cache import CachedResult, encode_entry
 from service.schemas import DEMO_WARNING
+from service.text_work import TextTimeout, TextWork
 
 log = logging.getLogger("service.inspection")
 
@@ -109,6 +112,10 @@ class InspectionFlow:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.text_work = TextWork()  # prompt encoding, off the models' batch workers
+
+    def close(self) -> None:
+        self.text_work.close()
 
     # ------------------------------------------------------------ resolution
     async def resolve(self, params: InspectParams) -> tuple[ProductRecipe | None, LoadedMethod]:
@@ -229,7 +236,9 @@ class InspectionFlow:
             result = hit.to_result()
         else:
             assert image is not None
-            result, qinfo = await self._submit(loaded, image, recipe, references, ref_key)
+            timeout_s = settings.request_timeout_s - await self._prepare_text(loaded, recipe)
+            clock.lap("prompts")
+            result, qinfo = await self._submit(loaded, image, recipe, references, ref_key, timeout_s)
         clock.stages["queue_wait"] = qinfo["queue_wait"]
         clock.stages["inference"] = qinfo["inference"]
         clock.last = time.perf_counter()
@@ -334,6 +343,14 @@ class InspectionFlow:
         draft.batch_size = int(qinfo["batch_size"])
         draft.timings_ms = timings_ms
 
+    async def _prepare_text(self, loaded: LoadedMethod, recipe: ProductRecipe | None) -> float:
+        """Encode the product's prompts off the model's worker (seconds spent; 504 past the deadline)."""
+        timeout_s = self.services.settings.request_timeout_s
+        try:
+            return await self.text_work.prepare(loaded.method, loaded.detector, recipe, timeout_s=timeout_s)
+        except TextTimeout as exc:
+            raise ApiError(504, "timeout", str(exc), timeout_s=timeout_s) from None
+
     async def _submit(
         self,
         loaded: LoadedMethod,
@@ -341,6 +358,7 @@ class InspectionFlow:
         recipe: ProductRecipe | None,
         references: ReferenceSet | None,
         ref_key: str | None,
+        timeout_s: float,
     ) -> tuple[AnomalyResult, dict[str, float]]:
         settings = self.services.settings
         try:
@@ -349,7 +367,7 @@ class InspectionFlow:
                 key=batch_key(recipe, references, ref_key),
                 product=recipe,
                 references=references,
-                timeout_s=settings.request_timeout_s,
+                timeout_s=max(timeout_s, 0.001),
             )
         except QueueFull as exc:
             raise ApiError(
@@ -459,6 +477,7 @@ class InspectionFlow:
             "read": t.get("read", 0.0),
             "decode": t.get("decode", 0.0),
             "references": t.get("references", 0.0),
+            "prompts": t.get("prompts", 0.0),
             "queue_wait": t.get("queue_wait", 0.0),
             "inference": t.get("inference", 0.0),
             **{f"model_{k}": float(v) for k, v in ins.result.timings.items()},
@@ -495,6 +514,7 @@ class InspectionFlow:
             "decode",
             "references",
             "cache",
+            "prompts",
             "queue_wait",
             "inference",
             "render",

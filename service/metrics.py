@@ -34,6 +34,12 @@ class Metrics:
         self.cache_lookups = Counter(
             "zsi_cache_lookups", "Cache lookups by kind and result", ["kind", "result"], registry=r
         )
+        self.cache_corrupt = Counter(
+            "zsi_cache_corrupt",
+            "Corrupt entries found in the cache or store (dropped, treated as a miss)",
+            ["kind"],
+            registry=r,
+        )
         self.cache_backend_up = Gauge(
             "zsi_cache_backend_up", "1 when the configured shared cache (Redis) answers", registry=r
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from prompts import ProductRecipe, PromptFileError, builtin_products, is_valid_product_id, parse_product
@@ -22,9 +23,15 @@ Source = Literal["builtin", "custom", "override"]
 
 
 class ProductStore:
-    def __init__(self, store: BlobCache, *, prefix: str = "zsi:") -> None:
+    """Created recipes and overrides in ``store``; a corrupt stored recipe reads as absent
+    and is counted through ``on_corrupt("product")``."""
+
+    def __init__(
+        self, store: BlobCache, *, prefix: str = "zsi:", on_corrupt: Callable[[str], None] | None = None
+    ) -> None:
         self.store = store
         self.prefix = f"{prefix}product:"
+        self._on_corrupt = on_corrupt
 
     def _key(self, product_id: str) -> str:
         return self.prefix + product_id
@@ -46,6 +53,8 @@ class ProductStore:
             return parse_product(json.loads(blob), f"stored product {product_id}")
         except (PromptFileError, ValueError) as exc:
             log.warning("ignoring a corrupt stored product %s: %s", product_id, exc)
+            if self._on_corrupt:
+                self._on_corrupt("product")
             return None
 
     def get(self, product_id: str) -> tuple[ProductRecipe, Source]:

@@ -7,7 +7,9 @@ method's single worker thread (one model copy per process, never on the event
 loop), and answered one by one through asyncio futures.
 
 Full queue -> :class:`QueueFull` (the service answers 503 + Retry-After).
-A request still waiting at its deadline -> :class:`QueueTimeout` (504).
+A request still waiting at its deadline -> :class:`QueueTimeout` (504), whether its own
+timer or the worker notices first; a request whose caller is cancelled (client gone)
+re-raises ``CancelledError`` and its job is skipped.
 """
 
 from __future__ import annotations
@@ -172,12 +174,22 @@ class InferenceQueue:
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, QueueTimeout):
+            # Our own timer fired, or the worker found the job past its deadline first
+            # (it then sets QueueTimeout on the future; it never cancels a job).
             job.future.cancel()  # the worker skips it (or drops its result)
-            self.stats.timed_out += 1
-            if self.metrics:
-                self.metrics.rejected.labels(method=self.method, reason="timeout").inc()
+            self._count_timeout()
             raise QueueTimeout(f"no answer from the {self.method} model within {timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            # The caller was cancelled (client gone, shutdown): the shield kept the job's
+            # future alive, so cancel it (the worker skips it) and let the cancellation go on.
+            job.future.cancel()
+            raise
+
+    def _count_timeout(self) -> None:
+        self.stats.timed_out += 1
+        if self.metrics:
+            self.metrics.rejected.labels(method=self.method, reason="timeout").inc()
 
     async def run_exclusive(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run other model work (reference encoding) on the model's worker thread."""
@@ -198,7 +210,9 @@ class InferenceQueue:
             if job.future.done():  # timed out or cancelled while waiting
                 continue
             if now >= job.deadline:
-                job.future.cancel()
+                # An exception, not cancel(): a cancelled future would reach the waiting
+                # request as CancelledError (a plain-text 500), not as a 504.
+                job.future.set_exception(QueueTimeout("deadline passed while waiting"))
                 continue
             if job.key == key and len(batch) < self.max_batch:
                 batch.append(job)

@@ -9,32 +9,53 @@ finds the features already stored and encodes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from models.base import Detector, ReferenceSet, image_hash
 from models.serialization import SerializationError
-from service.cache import BlobCache
+from service.cache import BlobCache, CacheUnavailable
 
 log = logging.getLogger("service.references")
 
 
 class ReferenceStore:
-    def __init__(self, store: BlobCache, *, prefix: str = "zsi:", ttl_s: float | None = None) -> None:
+    """Reference indexes and feature blobs in ``store``.
+
+    A corrupt index or blob is never an error for the request: the index reads as empty,
+    the blob is deleted (the product falls back to zero-shot and its listing says
+    ``stored: false`` until the golden images are uploaded again), and ``on_corrupt(kind)``
+    counts it (``reference_index`` / ``references``).
+    """
+
+    def __init__(
+        self,
+        store: BlobCache,
+        *,
+        prefix: str = "zsi:",
+        ttl_s: float | None = None,
+        on_corrupt: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.index_prefix = f"{prefix}refs:"
         self.blob_prefix = f"{prefix}refset:"
         self.ttl_s = ttl_s or None
         self._decoded: OrderedDict[str, ReferenceSet] = OrderedDict()
         self._lock = threading.Lock()
+        self._on_corrupt = on_corrupt
+
+    def _corrupt(self, kind: str) -> None:
+        if self._on_corrupt:
+            self._on_corrupt(kind)
 
     def blob_key(self, model_key: str, product_id: str, hashes: Sequence[str]) -> str:
         payload = json.dumps([model_key, product_id, list(hashes)])
@@ -48,9 +69,12 @@ class ReferenceStore:
         try:
             doc = json.loads(blob)
             sets = doc["sets"]
-            return sets if isinstance(sets, dict) else {}
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a corrupt reference index for %s", product_id)
+            if not isinstance(sets, dict) or not all(isinstance(e, dict) for e in sets.values()):
+                raise TypeError("'sets' must map model keys to objects")
+            return sets
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a corrupt reference index for %s: %s", product_id, exc)
+            self._corrupt("reference_index")
             return {}
 
     def _write_index(self, product_id: str, sets: dict[str, dict[str, Any]]) -> None:
@@ -61,6 +85,11 @@ class ReferenceStore:
             self.store.delete(key)
 
     # ---------------------------------------------------------------- writing
+    def check_writable(self) -> None:
+        """Raise :class:`service.cache.StoreUnavailable` (503) now, before any model work, if
+        the store would refuse the write."""
+        self.store.check_writable()
+
     def has_blob(self, key: str) -> bool:
         return self.store.get(key) is not None
 
@@ -117,8 +146,17 @@ class ReferenceStore:
             return None, None
         try:
             refs = ReferenceSet.from_bytes(blob)
-        except (SerializationError, KeyError, ValueError):
-            log.warning("corrupt reference features %s of %s; using zero-shot", key, product_id)
+        except SerializationError as exc:
+            log.warning(
+                "dropping corrupt reference features %s of %s (%s); using zero-shot until the golden "
+                "images are uploaded again",
+                key,
+                product_id,
+                exc,
+            )
+            self._corrupt("references")
+            with contextlib.suppress(CacheUnavailable):
+                self.store.delete(key)
             return None, None
         self._remember(key, refs)
         return refs, key

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from prompts import MAX_DATASET_CHARS, MAX_EXTRA_STATES, MAX_OBJECT_NAME_CHARS, MAX_STATE_CHARS
+from prompts.saa import MAX_DEFECT_PROMPTS
 
 DEMO_WARNING = "DEMO mode: tiny random-init models; scores are NOT real inspection results"
 
@@ -16,12 +19,68 @@ class Tagged(BaseModel):
 
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
-    code: str = Field(description="Stable machine-readable code.", examples=["unknown_product"])
+    code: str = Field(description="Stable machine-readable code (docs/service.md lists them per status).")
     message: str = Field(description="What went wrong and what to do.")
 
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+#: One example per status, used when a route names none of its own.
+_ERROR_EXAMPLES: dict[int, tuple[str, str, dict[str, Any]]] = {
+    400: ("not_an_image", "image: not a PNG, JPEG, BMP or TIFF image", {}),
+    401: ("unauthorized", "missing or wrong API key: send it in the X-API-Key header", {}),
+    404: ("unknown_product", "unknown product 'gear-x'; GET /products lists them", {"product": "gear-x"}),
+    409: ("builtin_product", "'bottle' is a built-in product and cannot be deleted", {"product": "bottle"}),
+    413: (
+        "payload_too_large",
+        "the request body is larger than the limit of 20971520 bytes (ZSI_MAX_IMAGE_BYTES)",
+        {"max_bytes": 20971520},
+    ),
+    415: ("unsupported_media_type", "set Content-Type to image/png, image/jpeg, image/bmp or image/tiff", {}),
+    422: (
+        "invalid_parameters",
+        "invalid request: query.output: Input should be 'json' or 'png'",
+        {"problems": [{"where": "query.output", "problem": "Input should be 'json' or 'png'"}]},
+    ),
+    503: ("queue_full", "the winclip queue is full (64 waiting); retry in 2 s", {"retry_after_s": 2}),
+    504: ("timeout", "no answer from the winclip model within 30 s", {"timeout_s": 30.0}),
+}
+
+
+def error_responses(
+    *statuses: int, **described: str | tuple[str, str] | tuple[str, str, dict[str, Any]]
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: the ErrorBody schema and an example per status.
+
+    ``described`` maps ``"s404"`` to a description, or to (description, code) /
+    (description, code, details) when the route's usual code differs from the default.
+    """
+    out: dict[int | str, dict[str, Any]] = {}
+    wanted = {*statuses, *(int(k[1:]) for k in described)}
+    for status in sorted(wanted):
+        code, message, details = _ERROR_EXAMPLES[status]
+        info = described.get(f"s{status}")
+        description = "Error"
+        if isinstance(info, str):
+            description = info
+        elif info is not None:
+            description, code = info[0], info[1]
+            details = info[2] if len(info) > 2 else {}
+            message = description
+        out[status] = {
+            "model": ErrorBody,
+            "description": description,
+            "content": {
+                "application/json": {"example": {"error": {"code": code, "message": message, **details}}}
+            },
+        }
+    return out
+
+
+#: Every route behind the API key documents its 401.
+UNAUTHORIZED = error_responses(s401="Missing or wrong X-API-Key (when ZSI_API_KEY is set)")
 
 
 class Region(BaseModel):
@@ -81,23 +140,54 @@ class InspectResponse(Tagged):
     )
 
 
+_STATE_RULE = (
+    f"at most {MAX_EXTRA_STATES} phrases, each 1-{MAX_STATE_CHARS} characters containing the object "
+    "placeholder '{}' exactly once (it is replaced by object_name; every phrase goes into each of "
+    "the ensemble's 21 templates)"
+)
+State = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STATE_CHARS)]
+
+
 class ProductIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    object_name: str = Field(description="Noun phrase used in prompts.", examples=["metal nut"])
-    extra_normal_states: list[str] = Field(default_factory=list, examples=[["clean {}"]])
-    extra_anomalous_states: list[str] = Field(default_factory=list, examples=[["cracked {}"]])
+    object_name: str = Field(
+        min_length=1,
+        max_length=MAX_OBJECT_NAME_CHARS,
+        description=f"Noun phrase used in prompts, 1-{MAX_OBJECT_NAME_CHARS} characters, no braces.",
+        examples=["metal nut"],
+    )
+    extra_normal_states: list[State] = Field(
+        default_factory=list,
+        max_length=MAX_EXTRA_STATES,
+        description=f"Extra normal states: {_STATE_RULE}.",
+        examples=[["clean {}"]],
+    )
+    extra_anomalous_states: list[State] = Field(
+        default_factory=list,
+        max_length=MAX_EXTRA_STATES,
+        description=f"Extra anomalous states: {_STATE_RULE}.",
+        examples=[["cracked {}"]],
+    )
     threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
     )
     default_method: str = Field(default="winclip", description="Method used when /inspect names none.")
-    dataset: str | None = Field(default=None, description="Free-form origin label.")
-    saa: dict[str, Any] | None = Field(default=None, description="SAA+ prompts (see METHODS.md section 3).")
+    dataset: str | None = Field(
+        default=None, max_length=MAX_DATASET_CHARS, description="Free-form origin label."
+    )
+    saa: dict[str, Any] | None = Field(
+        default=None,
+        description=f"SAA+ prompts (METHODS.md section 3; prompts/saa.py): at most {MAX_DEFECT_PROMPTS} "
+        "defect_prompts, each a prompt of 1-400 characters and a filter word of 1-80.",
+    )
     keep_images: bool = Field(
         default=False, description="Keep inspected images and maps with their records (docs/records.md)."
     )
 
 
-class ProductOut(Tagged):
+class ProductInfo(BaseModel):
+    """A product recipe (an item of a list: the demo flags are on the list answer)."""
+
     id: str
     object_name: str
     dataset: str | None
@@ -112,8 +202,12 @@ class ProductOut(Tagged):
     )
 
 
+class ProductOut(Tagged, ProductInfo):
+    """One product recipe as a whole answer."""
+
+
 class ProductList(Tagged):
-    products: list[ProductOut]
+    products: list[ProductInfo]
 
 
 class Deleted(Tagged):
@@ -157,6 +251,9 @@ class ModelInfo(BaseModel):
 
 class ModelsOut(Tagged):
     device: str | None
+    warnings: list[str] = Field(
+        default_factory=list, description="E.g. ZSI_DEVICE=auto fell back to the CPU."
+    )
     demo_mode: bool
     cache: str = Field(description="Cache backend in use (e.g. redis+local, local).")
     cache_backend_up: bool
@@ -169,6 +266,10 @@ class Health(BaseModel):
 
 class Ready(Tagged):
     status: Literal["ready"] = "ready"
+    device: str | None = Field(default=None, description="Where the models run (cpu, cuda).")
+    warnings: list[str] = Field(
+        default_factory=list, description="E.g. ZSI_DEVICE=auto fell back to the CPU."
+    )
     methods: dict[str, dict[str, Any]]
     records: dict[str, Any] | None = Field(
         default=None,

@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     methods: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("winclip",), description="Comma list of methods loaded at startup."
     )
-    demo: bool = Field(default=False, description="Tiny random-init models; every answer labelled demo.")
+    demo: bool = Field(
+        default=False,
+        description="Tiny random-init models on the CPU; every answer labelled demo; products and "
+        "golden images kept apart (key prefix + 'demo:', ZSI_DATA_DIR/demo).",
+    )
     api_key: SecretStr | None = Field(default=None, description="When set, requests need header X-API-Key.")
     data_dir: Path = Field(
         default=Path("data"), description="Where products/references persist without Redis."
@@ -45,7 +49,14 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for more requests.")
     queue_size: int = Field(default=64, ge=1, description="Waiting requests per method before 503.")
     request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one inference request.")
-    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="Largest upload (bytes).")
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="Largest image, and largest /inspect request body (multipart framing included).",
+    )
+    max_json_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest body of the JSON routes (PUT /products/{id})."
+    )
     max_image_pixels: int = Field(default=40_000_000, ge=4, description="Largest image (width x height).")
     max_reference_images: int = Field(default=16, ge=1, description="Most golden images per upload.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
@@ -86,6 +97,14 @@ class Settings(BaseSettings):
     result_cache_max_entry_kb: int = Field(
         default=4096, ge=1, description="Results whose stored map is larger are not cached."
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Level of the service's own loggers (third-party ones: WARNING)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -67,3 +67,56 @@ def test_inspect_not_an_image(tmp_path: Path) -> None:
     bad.write_bytes(b"not an image at all")
     with pytest.raises(SystemExit, match="not a readable image"):
         main(["inspect", str(bad), "--demo", "--out", str(tmp_path / "o")])
+
+
+def _goldens_and_part(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return (
+        _write_image(tmp_path / "a.png", seed=2),
+        _write_image(tmp_path / "b.png", seed=3),
+        _write_image(tmp_path / "part.png", seed=1),
+    )
+
+
+def test_reference_option_is_repeatable_and_keeps_the_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, item 11: ``--references a.png b.png part.png`` swallowed the image."""
+    a, b, part = _goldens_and_part(tmp_path)
+    out = str(tmp_path / "o")
+    argv = ["inspect", "--demo", "--reference", str(a), "--reference", str(b), str(part), "--out", out]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["file"] for r in records] == [str(part)]
+    assert records[0]["used_references"] is True and records[0]["reference_count"] == 2
+
+
+def test_references_list_ends_with_a_double_dash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, part = _goldens_and_part(tmp_path)
+    out = str(tmp_path / "o")
+    assert main(["inspect", "--demo", "--out", out, "--references", str(a), str(b), "--", str(part)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["file"] for r in records] == [str(part)] and records[0]["reference_count"] == 2
+
+
+def test_swallowed_image_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, part = _goldens_and_part(tmp_path)
+    assert main(["inspect", "--demo", "--references", str(a), str(b), str(part)]) == 2
+    err = capsys.readouterr().err
+    assert "no image to inspect" in err and "--reference" in err and "--" in err
+
+
+def test_inspect_logs_no_third_party_info_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    root.handlers = []  # as in a fresh process
+    try:
+        part = _write_image(tmp_path / "part.png")
+        assert main(["inspect", str(part), "--demo", "--out", str(tmp_path / "o")]) == 0
+    finally:
+        for h in root.handlers:
+            root.removeHandler(h)
+        root.handlers, root.level = saved
+    err = capfd.readouterr().err
+    assert "INFO" not in err and "Loaded built-in" not in err, err

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from prompts import (
+    MAX_EXTRA_STATES,
+    MAX_OBJECT_NAME_CHARS,
+    MAX_STATE_CHARS,
     PromptFileError,
     builtin_products,
     ensemble_for,
@@ -82,3 +85,45 @@ def test_product_file_errors_name_the_file(tmp_path: Path) -> None:
         load_product_file(mismatch)
     with pytest.raises(PromptFileError, match="not found"):
         load_product_file(tmp_path / "missing.json")
+
+
+def _states(n: int, length: int = 10) -> list[str]:
+    """``n`` distinct states of exactly ``length`` characters: digits, then the placeholder."""
+    return [f"{i:0{length - 2}d}{{}}" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("extra_anomalous_states", _states(MAX_EXTRA_STATES + 1), "extra_anomalous_states"),
+        ("extra_normal_states", _states(5000), "extra_normal_states"),
+        ("extra_anomalous_states", ["{} " + "x" * MAX_STATE_CHARS], "extra_anomalous_states"),
+        ("object_name", "x" * (MAX_OBJECT_NAME_CHARS + 1), "object_name"),
+        ("dataset", "d" * 200, "dataset"),
+        (
+            "saa",
+            {"defect_prompts": [{"prompt": f"hole {i}", "filter": "part"} for i in range(17)]},
+            "defect_prompts",
+        ),
+    ],
+)
+def test_prompt_fields_are_bounded(field, value, message) -> None:
+    """Issue 10, item 4: counts and lengths of prompt fields are bounded (their encoding costs time)."""
+    with pytest.raises(PromptFileError, match=message):
+        parse_product({"id": "x", "object_name": "part", field: value}, "test.json")
+
+
+def test_prompt_fields_at_their_bounds_are_accepted() -> None:
+    recipe = parse_product(
+        {
+            "id": "x",
+            "object_name": "p" * MAX_OBJECT_NAME_CHARS,
+            "extra_normal_states": _states(MAX_EXTRA_STATES, MAX_STATE_CHARS),
+            "extra_anomalous_states": _states(MAX_EXTRA_STATES, MAX_STATE_CHARS),
+            "saa": {"defect_prompts": [{"prompt": "hole", "filter": "part"}] * 16},
+        }
+    )
+    assert len(recipe.extra_anomalous_states) == MAX_EXTRA_STATES
+    assert max(len(s) for s in recipe.extra_normal_states) == MAX_STATE_CHARS
+    # every built-in product is within the bounds (they are far below them)
+    assert all(len(p.extra_anomalous_states) <= MAX_EXTRA_STATES for p in builtin_products().values())

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service.deps import ServicesDep
 from service.errors import error_body
-from service.schemas import ErrorBody, Health, Ready
+from service.schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -21,15 +21,15 @@ async def health_check() -> Health:
     "/ready",
     response_model=Ready,
     summary="Ready when every configured method is loaded",
-    responses={
-        503: {"model": ErrorBody, "description": "Loading, or weights missing (with the fetch command)"}
-    },
+    responses=error_responses(
+        s503=("Loading (Retry-After), or weights missing (with the fetch command)", "not_ready")
+    ),
 )
 async def ready(services: ServicesDep) -> Ready | JSONResponse:
     states = services.method_states()
     records = services.records.status() if services.records is not None else None
     if all(s["state"] == "loaded" for s in states.values()):
-        return Ready(methods=states, records=records)
+        return Ready(methods=states, records=records, device=services.device, warnings=services.warnings)
     failed = {m: s for m, s in states.items() if s["state"] == "failed"}
     if failed:
         fetch = [s["fetch"] for s in failed.values() if s.get("fetch")]
@@ -45,5 +45,9 @@ async def ready(services: ServicesDep) -> Ready | JSONResponse:
     else:
         message, code, headers = "not ready: models are loading", "not_ready", {"Retry-After": "2"}
     return JSONResponse(
-        error_body(code, message, methods=states, records=records), status_code=503, headers=headers
+        error_body(
+            code, message, methods=states, records=records, device=services.device, warnings=services.warnings
+        ),
+        status_code=503,
+        headers=headers,
     )

@@ -11,7 +11,7 @@ from service.deps import ApiKeyDep, Services, ServicesDep
 from service.errors import ApiError
 from service.imaging import RAW_TYPES, media_type, read_capped, too_large_bytes
 from service.inspection import InspectParams
-from service.schemas import ErrorBody, InspectResponse
+from service.schemas import InspectResponse, error_responses
 
 router = APIRouter(prefix="/inspect", tags=["inspection"], dependencies=[ApiKeyDep])
 
@@ -37,16 +37,16 @@ _REQUEST_BODY: dict[str, Any] = {
         },
     }
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "Empty body, not an image, truncated image"},
-    401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (when configured)"},
-    404: {"model": ErrorBody, "description": "Unknown product"},
-    413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
-    415: {"model": ErrorBody, "description": "Unsupported content type or image format"},
-    422: {"model": ErrorBody, "description": "Bad parameters (unknown method, bad output)"},
-    503: {"model": ErrorBody, "description": "Queue full (Retry-After), loading, or weights missing"},
-    504: {"model": ErrorBody, "description": "Not answered before ZSI_REQUEST_TIMEOUT_S"},
-}
+_ERRORS = error_responses(
+    s400=("Empty body, not an image, truncated image", "not_an_image"),
+    s401="Missing or wrong X-API-Key (when ZSI_API_KEY is set)",
+    s404="Unknown product",
+    s413="Body over ZSI_MAX_IMAGE_BYTES (payload_too_large) or image over ZSI_MAX_IMAGE_PIXELS (image_too_large)",
+    s415="Unsupported content type or image format",
+    s422=("Bad parameters (unknown method, bad output)", "unknown_method"),
+    s503="Queue full (Retry-After), loading, or weights missing",
+    s504="Not answered before ZSI_REQUEST_TIMEOUT_S",
+)
 
 
 async def read_upload(request: Request, services: Services) -> bytes:

@@ -33,20 +33,19 @@ from service.records.query import (
     review_record,
 )
 from service.records.store import utcnow
-from service.schemas import ErrorBody, InspectionList, InspectionOut, ReviewIn
+from service.schemas import UNAUTHORIZED, InspectionList, InspectionOut, ReviewIn, error_responses
 
-router = APIRouter(prefix="/inspections", tags=["records"], dependencies=[ApiKeyDep])
+router = APIRouter(prefix="/inspections", tags=["records"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED)
 T = TypeVar("T")
 
 RECORD_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 InspectionId = Annotated[str, Path(pattern=RECORD_ID, description="The inspection id (UUID).")]
 ClientField = Annotated[str | None, Query(max_length=64)]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (when configured)"},
-    404: {"model": ErrorBody, "description": "Unknown inspection id"},
-    422: {"model": ErrorBody, "description": "Bad filter or cursor"},
-    503: {"model": ErrorBody, "description": "Records database unreachable (records wait in the journal)"},
-}
+_ERRORS = error_responses(
+    s404=("Unknown inspection id", "unknown_inspection", {}),
+    s422=("Bad filter or cursor", "invalid_cursor", {}),
+    s503=("Records database unreachable (records wait in the journal)", "records_unavailable", {}),
+)
 
 
 def record_filter(
@@ -261,7 +260,10 @@ async def get_overlay(inspection_id: InspectionId, services: ServicesDep) -> Res
     summary="Record an operator's verdict (good / defect) on an inspection",
     description="The reviewer comes from the body's `reviewer` or the `X-Operator` header (one is "
     "required). Every verdict is kept (review_history); the record shows the latest.",
-    responses={409: {"model": ErrorBody, "description": "A refusal has no decision to review"}, **_ERRORS},
+    responses={
+        **_ERRORS,
+        **error_responses(s409=("A refusal has no decision to review", "refused_inspection", {})),
+    },
 )
 async def put_review(
     inspection_id: InspectionId,

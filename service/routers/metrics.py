@@ -6,8 +6,9 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import ApiKeyDep, ServicesDep
+from service.schemas import UNAUTHORIZED
 
-router = APIRouter(prefix="/metrics", tags=["system"], dependencies=[ApiKeyDep])
+router = APIRouter(prefix="/metrics", tags=["system"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED)
 
 
 @router.get("", summary="Prometheus metrics", response_class=Response)

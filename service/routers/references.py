@@ -13,9 +13,22 @@ from service.deps import ApiKeyDep, ServicesDep
 from service.errors import ApiError
 from service.imaging import decode_image, media_type, too_large_bytes
 from service.references import hashes_of
-from service.schemas import ErrorBody, ReferencesCreated, ReferencesDeleted, ReferenceSetOut, ReferencesOut
+from service.schemas import (
+    UNAUTHORIZED,
+    ReferencesCreated,
+    ReferencesDeleted,
+    ReferenceSetOut,
+    ReferencesOut,
+    error_responses,
+)
 
-router = APIRouter(prefix="/products", tags=["golden images"], dependencies=[ApiKeyDep])
+router = APIRouter(
+    prefix="/products", tags=["golden images"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED
+)
+_COMMON = error_responses(s404="Unknown product", s422=("Invalid request", "invalid_parameters"))
+_STORE_DOWN = error_responses(
+    s503=("Redis is down: the change was NOT saved; retry (Retry-After)", "store_unavailable")
+)
 
 ProductId = Annotated[str, Path(description="Product id.", examples=["bottle"])]
 _UPLOAD_BODY: dict[str, Any] = {
@@ -49,10 +62,16 @@ _UPLOAD_BODY: dict[str, Any] = {
     "product's previous golden set for that method. An identical set already stored (by any "
     "process sharing the store) is reused without model work (`computed: false`).",
     responses={
-        400: {"model": ErrorBody},
-        404: {"model": ErrorBody},
-        413: {"model": ErrorBody},
-        415: {"model": ErrorBody},
+        **_COMMON,
+        **error_responses(
+            s400="Not an image, truncated image, or a method without golden images",
+            s413="An image over ZSI_MAX_IMAGE_BYTES, or the body over ZSI_MAX_IMAGE_BYTES x "
+            "ZSI_MAX_REFERENCE_IMAGES (payload_too_large); an image over ZSI_MAX_IMAGE_PIXELS "
+            "(image_too_large)",
+            s415="Not multipart/form-data, or an unsupported image format",
+            s422=("No image file in the upload, or bad parameters", "missing_image"),
+        ),
+        **_STORE_DOWN,
     },
     openapi_extra=_UPLOAD_BODY,
 )
@@ -68,6 +87,7 @@ async def add_references(
     det = loaded.detector
     if not det.supports_references:
         raise ApiError(400, "references_not_supported", f"method {det.method!r} does not use golden images")
+    await run_in_threadpool(services.references.check_writable)  # 503 before reading or encoding
     if media_type(request.headers.get("content-type")) != "multipart/form-data":
         raise ApiError(
             415, "unsupported_media_type", "upload golden images as multipart/form-data (field 'images')"
@@ -120,7 +140,7 @@ async def add_references(
     "/{product_id}/references",
     response_model=ReferencesOut,
     summary="The product's golden image sets (count and hashes per method)",
-    responses={404: {"model": ErrorBody}},
+    responses=_COMMON,
 )
 async def list_references(product_id: ProductId, services: ServicesDep) -> ReferencesOut:
     await run_in_threadpool(services.products.get, product_id)
@@ -145,7 +165,7 @@ async def list_references(product_id: ProductId, services: ServicesDep) -> Refer
     "/{product_id}/references",
     response_model=ReferencesDeleted,
     summary="Forget the product's golden images (back to zero-shot)",
-    responses={404: {"model": ErrorBody}},
+    responses={**_COMMON, **_STORE_DOWN},
 )
 async def delete_references(
     product_id: ProductId,

@@ -138,3 +138,47 @@ def test_method_defaults_to_the_products(app_client):
             headers={"content-type": "image/png"},
         )
     assert r.status_code == 400 and r.json()["error"]["code"] == "method_not_loaded"
+
+
+def _with_orientation(image: np.ndarray, fmt: str, orientation: int, **save: object) -> bytes:
+    im = Image.fromarray(image)
+    exif = im.getexif()
+    exif[0x0112] = orientation  # EXIF/TIFF Orientation
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, exif=exif, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ctype", "save"),
+    [
+        ("JPEG", "image/jpeg", {"quality": 100}),
+        ("TIFF", "image/tiff", {}),
+        ("TIFF", "image/tiff", {"compression": "tiff_lzw"}),
+    ],
+)
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_orientation_tags_are_never_applied(fmt, ctype, save, orientation):
+    """Issue 10, item 8: one rule for every format. The pixels are used as stored, so the map
+    and the regions are in the camera's own pixel grid (Pillow rotates TIFFs on load: undone)."""
+    from service.imaging import decode_image
+
+    stored = np.zeros((40, 64, 3), np.uint8)
+    stored[:8, :16] = 255  # a bright block in the top-left corner, as the sensor sent it
+    data = _with_orientation(stored, fmt, orientation, **save)
+    out = decode_image(data, max_pixels=10**6, max_bytes=10**6)
+    assert out.shape == stored.shape
+    tolerance = 8 if fmt == "JPEG" else 0
+    assert np.abs(out.astype(int) - stored.astype(int)).max() <= tolerance
+
+
+def test_orientation_is_not_applied_over_http(app_client):
+    stored = random_image(21, 40, 64)
+    with app_client() as (client, _):
+        for fmt, ctype in (("JPEG", "image/jpeg"), ("TIFF", "image/tiff")):
+            r = client.post(
+                "/inspect", content=_with_orientation(stored, fmt, 6), headers={"content-type": ctype}
+            )
+            body = r.json()
+            assert (body["image"]["width"], body["image"]["height"]) == (64, 40), (fmt, body["image"])
+            assert (body["anomaly_map"]["width"], body["anomaly_map"]["height"]) == (64, 40)

@@ -69,3 +69,20 @@ def test_created_products_persist_in_data_dir(app_client, tmp_path):
     assert any((tmp_path / "data").rglob("*"))
     with app_client() as (client, _):  # a new app on the same ZSI_DATA_DIR
         assert client.get("/products/kept").json()["object_name"] == "kept part"
+
+
+def test_prompt_fields_are_bounded_over_http(app_client):
+    """Issue 10, item 4: 5000 extra states used to be accepted (49 s of text encoding)."""
+    with app_client() as (client, _):
+        many = [f"state {i} {{}}" for i in range(5000)]
+        for body in (
+            {"object_name": "part", "extra_anomalous_states": many},
+            {"object_name": "part", "extra_normal_states": ["{} " + "x" * 200]},
+            {"object_name": "p" * 81},
+        ):
+            r = client.put("/products/wordy", json=body)
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["code"] in ("invalid_parameters", "invalid_product")
+        assert client.get("/products/wordy").status_code == 404
+        ok = {"object_name": "part", "extra_anomalous_states": many[:32]}
+        assert client.put("/products/wordy", json=ok).status_code == 201

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,47 +61,122 @@ def test_service_keeps_answering_without_redis(app_client):
     with app_client(redis_url=url, redis_timeout_s=0.2, redis_retry_s=60) as (client, _):
         r = client.post("/inspect?product=bottle", content=png_bytes(random_image(1)), headers=RAW)
         assert r.status_code == 200, r.json()
-        assert client.put("/products/offline", json={"object_name": "offline part"}).status_code == 201
-        assert client.get("/products/offline").status_code == 200
+        # a write that cannot reach the shared store is refused, never accepted then lost
+        r = client.put("/products/offline", json={"object_name": "offline part"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        assert int(r.headers["retry-after"]) >= 1
+        assert client.get("/products/offline").status_code == 404
         models = client.get("/models").json()
         assert models["cache_backend_up"] is False
         assert "zsi_cache_backend_up 0.0" in client.get("/metrics").text
 
 
-@pytest.mark.skipif(
+needs_redis_server = pytest.mark.skipif(
     subprocess.run(["which", "redis-server"], capture_output=True).returncode != 0,
     reason="needs redis-server",
 )
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """Our own throw-away redis-server on ``port`` (no persistence): tests may kill it."""
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+@needs_redis_server
+def test_redis_outage_keeps_what_was_read_and_refuses_writes(app_client, tmp_path):
+    """Issue 10, item 5: during an outage a write is refused (503), never accepted then lost,
+    and what this process read before the outage (products, golden features) is still served."""
+    import redis
+
+    from prompts import ProductRecipe
+
+    port = _free_port()
+    server = start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    img = png_bytes(random_image(3))
+    goldens = [("images", (f"g{i}.png", png_bytes(random_image(80 + i)), "image/png")) for i in range(2)]
+    try:
+        with app_client(redis_url=url, redis_timeout_s=0.2, redis_retry_s=0.3) as (client, services):
+            prefix = services.settings.key_prefix
+            direct = redis.Redis(port=port)
+            # created by another replica: this process only ever READS it from Redis
+            seen = ProductRecipe(id="seen", object_name="seen part", threshold=0.4)
+            direct.set(f"{prefix}product:seen", seen.model_dump_json())
+            assert client.post("/products/seen/references", files=goldens).status_code == 200
+            assert client.get("/products/seen").status_code == 200
+            before = client.post("/inspect?product=seen", content=img, headers=RAW).json()
+            assert before["used_references"] is True
+            det = services.methods["winclip"].detector
+            encoded = det.counters()["references_encoded"]
+
+            stop_redis(server)
+            assert client.get("/products/seen").json()["threshold"] == 0.4
+            assert "seen" in {p["id"] for p in client.get("/products").json()["products"]}
+            during = client.post("/inspect?product=seen", content=img, headers=RAW)
+            assert during.status_code == 200, during.text
+            assert during.json()["used_references"] is True
+            assert during.json()["score"] == pytest.approx(before["score"], abs=1e-6)
+            refused = [
+                client.put("/products/y", json={"object_name": "y part"}),
+                client.put("/products/seen", json={"object_name": "renamed"}),
+                client.delete("/products/seen"),
+                client.post("/products/seen/references", files=goldens),
+                client.delete("/products/seen/references"),
+            ]
+            for r in refused:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable" and r.headers["retry-after"]
+            assert det.counters()["references_encoded"] == encoded  # refused before any model work
+            assert client.get("/products/y").status_code == 404
+            assert client.get("/products/seen").json()["object_name"] == "seen part"
+
+            server = start_redis(port, tmp_path)  # back (empty: no persistence)
+            time.sleep(0.4)
+            assert client.put("/products/y", json={"object_name": "y part"}).status_code == 201
+            assert client.get("/products/y").status_code == 200
+            direct = redis.Redis(port=port)
+            assert direct.get(f"{prefix}product:y") is not None
+            direct.close()
+    finally:
+        stop_redis(server)
+
+
+@needs_redis_server
 def test_redis_going_away_and_coming_back(app_client, tmp_path):
     port = _free_port()
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return proc
-            except OSError:
-                time.sleep(0.05)
-        proc.kill()
-        raise AssertionError("redis-server did not start")
+        return start_redis(port, tmp_path)
 
     server = start()
     img = png_bytes(random_image(2))

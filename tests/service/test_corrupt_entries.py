@@ -1,0 +1,100 @@
+"""A corrupt entry in the shared store is a miss: dropped, recomputed where it can be, counted.
+
+Issue 10, item 6: a prototype blob whose shape does not match its bytes, or a reference
+blob whose header is a JSON list, made every request of the product a 500 for the
+entry's TTL (7 days). Real Redis (db 15, random key prefix), no mock.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import redis
+
+from models.serialization import MAGIC, VERSION, pack_array, unpack_array
+from prompts import builtin_products
+from tests.service.conftest import png_bytes, random_image
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
+RAW = {"content-type": "image/png"}
+
+
+def with_header(blob: bytes, edit) -> bytes:
+    """``blob`` with its JSON header replaced by ``edit(header)``."""
+    (hlen,) = struct.unpack("<I", blob[5:9])
+    header = json.loads(blob[9 : 9 + hlen])
+    new = json.dumps(edit(header)).encode()
+    return MAGIC + bytes([VERSION]) + struct.pack("<I", len(new)) + new + blob[9 + hlen :]
+
+
+def metric(text: str, kind: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'zsi_cache_corrupt_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_corrupt_prototype_blob_is_dropped_recomputed_and_counted(app_client, redis_url, key_prefix):
+    direct = redis.Redis.from_url(redis_url)
+    img = png_bytes(random_image(11))
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (client, services):
+        det = services.methods["winclip"].detector
+        key = services.array_cache.prefix + det.text_cache_key(
+            det.prompt_digest(product=builtin_products()["bottle"])
+        )
+        good = pack_array(np.zeros((2, 32), np.float32))
+        bad = with_header(good, lambda h: {**h, "arrays": [{**h["arrays"][0], "shape": [3, 32]}]})
+        direct.set(key, bad, ex=7 * 24 * 3600)
+        for _ in range(2):
+            r = client.post("/inspect?product=bottle", content=img, headers=RAW)
+            assert r.status_code == 200, r.text
+        assert det.counters()["text_prototypes_computed"] == 1
+        assert metric(client.get("/metrics").text, "text_prototypes") == 1.0
+        healed = unpack_array(direct.get(key))  # recomputed and stored again
+        assert healed.shape[0] == 2 and healed.dtype == np.float32
+    direct.close()
+
+
+def test_corrupt_reference_blob_falls_back_to_zero_shot_and_is_dropped(app_client, redis_url, key_prefix):
+    direct = redis.Redis.from_url(redis_url)
+    goldens = [("images", (f"g{i}.png", png_bytes(random_image(60 + i)), "image/png")) for i in range(2)]
+    img = png_bytes(random_image(70))
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (a, sa):
+        assert a.post("/products/bottle/references", files=goldens).status_code == 200
+        entry = next(iter(sa.references.index("bottle").values()))
+        blob_key = entry["key"]
+        blob = direct.get(blob_key)
+    (hlen,) = struct.unpack("<I", blob[5:9])
+    listed = b"[1, 2, 3]"
+    direct.set(
+        blob_key, MAGIC + bytes([VERSION]) + struct.pack("<I", len(listed)) + listed + blob[9 + hlen :]
+    )
+    # a second process (no decoded copy in memory) reads the corrupt blob
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (b, _):
+        for _ in range(2):
+            r = b.post("/inspect?product=bottle", content=img, headers=RAW)
+            assert r.status_code == 200, r.text
+            assert r.json()["used_references"] is False
+        assert metric(b.get("/metrics").text, "references") == 1.0
+        assert direct.get(blob_key) is None  # dropped: the next request does not read it again
+        listing = b.get("/products/bottle/references").json()
+        assert listing["sets"][0]["stored"] is False  # says: upload the golden images again
+    direct.close()
+
+
+def test_corrupt_product_and_reference_index_are_counted(app_client, redis_url, key_prefix):
+    direct = redis.Redis.from_url(redis_url)
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (client, _):
+        direct.set(f"{key_prefix}product:broken", b"[1, 2]")
+        direct.set(f"{key_prefix}refs:bottle", b'{"sets": [1]}')
+        assert client.get("/products/broken").status_code == 404
+        assert client.get("/products/bottle/references").json()["sets"] == []
+        r = client.post("/inspect?product=bottle", content=png_bytes(random_image(1)), headers=RAW)
+        assert r.status_code == 200
+        text = client.get("/metrics").text
+        assert metric(text, "product") >= 1.0
+        assert metric(text, "reference_index") >= 1.0
+    direct.close()
