@@ -4,7 +4,9 @@ Real ``ViT-L-14-336`` architecture (QuickGELU, 24 blocks, width 1024, 37x37 grid
 518) on RANDOM weights, random prompts: TIMING ONLY, the scores mean nothing.
 Prints seconds per image (batch 1, text embeddings already cached as in the
 service) for fp32 and bf16, the FLOPs per image counted from the configuration,
-this machine's matmul throughput measured now and the resulting floor.
+this machine's matmul throughput measured now and the resulting floor. Where the
+CPU has no native bf16 (AVX2-only, AVX-512 without BF16) the detector runs bf16
+requests in fp32: bf16 is then not timed and the fallback is printed.
 
 Usage::
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.anomalyclip.detector import AnomalyClipDetector, build_anomalyclip
 from models.base import RANDOM_INIT
+from models.cpu import cpu_capabilities, resolve_precision
 
 
 def anomalyclip_flops_per_image(det: AnomalyClipDetector) -> float:
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("AnomalyCLIP latency: ViT-L-14-336 architecture, RANDOM weights and prompts (timing only)")
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if not args.device.startswith("cuda"):
+        print(cpu_capabilities().summary())
     t = time.perf_counter()
     det = build_anomalyclip(weights=RANDOM_INIT, device=args.device, image_size=args.image_size)
     print(f"build (random init): {time.perf_counter() - t:.1f} s")
@@ -99,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"FLOPs per image: {flops / 1e12:.3f} TFLOP")
 
     rows = [("fp32", torch.float32)] + ([] if args.skip_bf16 else [("bf16", torch.bfloat16)])
+    bf16 = resolve_precision("bf16", args.device)
+    if not args.skip_bf16 and bf16.fallback:
+        print(f"bf16: not timed; the detector would run fp32 (timed below): {bf16.fallback}")
+        rows = rows[:1]
     maps = {}
     for label, dtype in rows:
         det_p = (

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     det = models.load_detector(
         "winclip", weights=models.RANDOM_INIT, device=args.device, precision=args.precision
     )
+    fallback = det.describe().get("precision_fallback")
+    if fallback:
+        print(f"precision: {fallback}")
     det.predict(image, object_name="bottle")  # prototypes + warm-up
     direct = []
     for _ in range(args.repeats):

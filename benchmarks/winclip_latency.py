@@ -7,7 +7,12 @@ weights give no meaningful scores). Prints, for fp32 and bf16:
 - the matmul throughput of this machine measured now (GFLOP/s, fp32 and bf16);
 - the model's FLOPs per image counted from its configuration, the resulting floor
   (FLOPs / matmul throughput) and the ratio time / floor;
-- bf16 vs fp32: time ratio and the max abs difference of the anomaly maps.
+- bf16 vs fp32: time ratio and the max abs difference of the anomaly maps;
+- on CPU, fp32 with oneDNN-prepacked weights vs plain torch (``F.linear``) at batch 1,
+  and which one ``models/cpu.py`` chose for this CPU.
+
+Where the CPU has no native bf16 (AVX2-only, AVX-512 without BF16) the detector
+runs bf16 requests in fp32: bf16 is then not timed and the fallback is printed.
 
 Usage::
 
@@ -28,8 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models
+from models.cpu import cpu_capabilities, resolve_precision
 from models.winclip.detector import WinClipDetector
-from models.winclip.encoder import onednn_linear_available
+from models.winclip.encoder import PackedTower
 
 
 def vit_flops(width: int, layers: int, seq_len: int, mlp_ratio: float = 4.0) -> float:
@@ -84,7 +90,8 @@ def matmul_gflops(dtype: torch.dtype, device: str, m: int, k: int, n: int, secon
     wt = w.t()
     flops = 2.0 * m * k * n
     best = _rate(lambda: a @ wt, flops, seconds, device)
-    if device == "cpu" and onednn_linear_available() and dtype != torch.float16:
+    caps = cpu_capabilities()
+    if device == "cpu" and caps.onednn_linear and (dtype == torch.float32 or caps.onednn_bf16):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
         best = max(
             best,
@@ -163,12 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if dev.startswith("cuda"):
         print(f"gpu: {torch.cuda.get_device_name()}")
+    if not dev.startswith("cuda"):
+        print(cpu_capabilities().summary())
     print("model: ViT-B-16-plus-240, RANDOM weights (timing only, scores are meaningless)")
     fp32 = models.load_detector("winclip", weights=models.RANDOM_INIT, device=dev)
+    assert isinstance(fp32, WinClipDetector)
     flops = winclip_flops_per_image(fp32)
     print(f"FLOPs per image (counted from the config): {flops / 1e12:.3f} TFLOP")
 
     precisions = ["fp32"] + ([] if args.skip_bf16 else ["bf16"])
+    bf16 = resolve_precision("bf16", dev)
+    if "bf16" in precisions and bf16.fallback:
+        print(f"bf16: not timed; the detector would run fp32 (timed below): {bf16.fallback}")
+        precisions.remove("bf16")
     if args.fp16 and dev.startswith("cuda"):
         precisions.append("fp16")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -231,7 +245,36 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{p} vs fp32, batch {b}: time ratio {sec / base[b]:.3f}, max |map diff| {diff:.2e}, max |score diff| {sdiff:.2e}"
             )
+    if dev == "cpu" and cpu_capabilities().onednn_linear:
+        compare_fp32_kernels(fp32, images[0], args.repeats)
     return 0
+
+
+def compare_fp32_kernels(det: WinClipDetector, image: np.ndarray, repeats: int) -> None:
+    """fp32 batch 1 with oneDNN-prepacked weights vs plain ``F.linear``, and the path chosen here."""
+    secs, maps = {}, {}
+    for label, prepack in (("onednn-prepacked", True), ("torch", False)):
+        d = WinClipDetector(
+            backbone=det.backbone,
+            device="cpu",
+            cache=det.cache,
+            tower=PackedTower(det.clip.visual, prepack=prepack),
+        )
+        secs[label], res = time_batch(d, [image], repeats, "cpu")
+        maps[label] = res[0].anomaly_map
+    chosen = det.kernels
+    other = "torch" if chosen == "onednn-prepacked" else "onednn-prepacked"
+    diff = float(np.abs(maps["onednn-prepacked"] - maps["torch"]).max())
+    print()
+    print(
+        f"fp32 kernels, batch 1: onednn-prepacked {secs['onednn-prepacked']:.3f} s/image, "
+        f"torch {secs['torch']:.3f} s/image; prepacked/torch time ratio "
+        f"{secs['onednn-prepacked'] / secs['torch']:.3f}; max |map diff| {diff:.2e}"
+    )
+    print(
+        f"fp32 kernels chosen for this CPU ({cpu_capabilities().isa}): {chosen}; "
+        f"chosen/other time ratio {secs[chosen] / secs[other]:.3f}"
+    )
 
 
 if __name__ == "__main__":

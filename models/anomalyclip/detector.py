@@ -42,6 +42,7 @@ from models.base import (
     check_image,
 )
 from models.clip_backbone import FIT_MODES, ClipBackbone, create_clip, preprocess_pil, square_fit
+from models.cpu import cpu_capabilities, resolve_precision
 from models.weights import fetch_hint, manifest
 
 if TYPE_CHECKING:
@@ -184,6 +185,10 @@ class AnomalyClipDetector(Detector):
             :func:`models.clip_backbone.square_fit`.
         cache: where text embeddings are kept (default: in-process LRU).
         precision: ``fp32`` (default), ``bf16`` (autocast; CPU or CUDA) or ``fp16`` (CUDA).
+            On a CPU without native bf16 (AVX2-only, or AVX-512 without BF16) ``bf16``
+            runs as ``fp32`` (:func:`models.cpu.resolve_precision`; emulated bf16 was
+            5.5x slower than fp32 on an AVX2 EPYC): one warning is logged and
+            ``describe()`` / result ``details`` carry ``precision_fallback``.
         sigma: Gaussian blur of the map at the processing resolution (reference: 4).
     """
 
@@ -220,7 +225,10 @@ class AnomalyClipDetector(Detector):
         self.prompt_tag = prompt_tag
         self.weights_tag = f"{backbone.weights_tag}+{prompt_tag}"
         self.random_weights = bool(backbone.random_weights or prompts_random)
-        self.precision = precision
+        self.precision_choice = resolve_precision(precision, self.device, method=self.method)
+        self.precision = self.precision_choice.effective  # what runs
+        #: ISA level the CPU path was chosen for (``None`` on CUDA)
+        self.cpu_isa = None if self.device.startswith("cuda") else cpu_capabilities().isa
         self.sigma = float(sigma)
         self.fit = fit
         self.image_size = int(image_size or arch.image_size)
@@ -324,7 +332,7 @@ class AnomalyClipDetector(Detector):
         t4 = time.perf_counter()
         timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode_score": t3 - t2, "resize": t4 - t3}
         details = {
-            "precision": self.precision,
+            **self._precision_details(),
             "image_size": self.image_size,
             "fit": self.fit,
             "feature_layers": list(self.encoder.feature_layers),
@@ -347,10 +355,22 @@ class AnomalyClipDetector(Detector):
             for i, m in enumerate(out_maps)
         ]
 
+    def _precision_details(self) -> dict[str, Any]:
+        """Precision run and requested, with ``precision_fallback`` only when bf16 fell back."""
+        out: dict[str, Any] = {
+            "precision": self.precision,
+            "precision_requested": self.precision_choice.requested,
+        }
+        if self.cpu_isa is not None:
+            out["cpu_isa"] = self.cpu_isa
+        if self.precision_choice.fallback:
+            out["precision_fallback"] = self.precision_choice.fallback
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "precision": self.precision,
+            **self._precision_details(),
             "image_size": self.image_size,
             "fit": self.fit,
             "feature_layers": list(self.encoder.feature_layers),

@@ -21,6 +21,7 @@ from models.base import (
     image_hash,
 )
 from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
+from models.cpu import cpu_capabilities, resolve_precision
 from models.winclip.encoder import EncodedImages, PackedTower, TowerFn, VisualTower, WinClipEncoder
 from models.winclip.maths import (
     TEMPERATURE,
@@ -52,7 +53,10 @@ class WinClipDetector(Detector):
         scales: window sizes in patches (reference: (2, 3)).
         cache: where text prototypes are kept (default: in-process LRU).
         precision: ``fp32`` (default), ``bf16`` or ``fp16`` for the visual tower;
-            scores and aggregation are always computed in float32.
+            scores and aggregation are always computed in float32. On a CPU without
+            native bf16 (AVX2-only, or AVX-512 without BF16) ``bf16`` runs as ``fp32``
+            (:func:`models.cpu.resolve_precision`): one warning is logged and
+            ``describe()`` / result ``details`` carry ``precision_fallback``.
         tower: optional replacement for the visual tower (e.g. an ONNX session), same
             signature as :class:`models.winclip.encoder.VisualTower` (default: a
             :class:`models.winclip.encoder.PackedTower` in the chosen precision).
@@ -84,19 +88,26 @@ class WinClipDetector(Detector):
         self.random_weights = backbone.random_weights
         self.device = str(device)
         self.temperature = float(temperature)
-        self.precision = precision
+        on_cpu = not self.device.startswith("cuda")
+        #: ISA level the CPU paths were chosen for (``None`` on CUDA)
+        self.cpu_isa = cpu_capabilities().isa if on_cpu else None
+        self.precision_choice = resolve_precision(precision, self.device, method=self.method)
+        self.precision = self.precision_choice.effective  # what runs
         self.cache: ArrayCache = cache if cache is not None else LocalArrayCache()
         self.tokenizer = open_clip.get_tokenizer(backbone.model_name)
-        on_cpu = not self.device.startswith("cuda")
         if tower is None:
             # one packed pass for the full image and all windows; low precision = a cast copy
             try:
-                tower = PackedTower(self.clip.visual, dtype=_PRECISIONS[precision])
+                tower = PackedTower(self.clip.visual, dtype=_PRECISIONS[self.precision])
             except ValueError:  # a block layout PackedTower does not know: open_clip's modules
-                if precision != "fp32":
+                if self.precision != "fp32":
                     raise
                 tower = VisualTower(self.clip.visual)
         self.tower_label = tower_label
+        #: GEMM path of the tower: ``onednn-prepacked`` / ``torch`` (PackedTower), else the backend
+        self.kernels = str(
+            getattr(tower, "kernels", "torch" if isinstance(tower, VisualTower) else tower_label)
+        )
         # On CPU, sub-batches of ~one image keep activations in cache (measured: same or
         # faster than one huge pass); on GPU the whole batch goes through at once.
         self.encoder = WinClipEncoder(
@@ -284,22 +295,27 @@ class WinClipDetector(Detector):
                     used_references=references is not None,
                     random_weights=self.random_weights,
                     timings=dict(timings),
-                    details={
-                        "precision": self.precision,
-                        "backend": self.tower_label,
-                        "batch_size": len(images),
-                    },
+                    details={**self._precision_details(), "batch_size": len(images)},
                 )
             )
         return results
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
+    def _precision_details(self) -> dict[str, Any]:
+        """Precision and kernel path, with ``precision_fallback`` (a sentence) only when bf16 fell back."""
+        out: dict[str, Any] = {
             "precision": self.precision,
+            "precision_requested": self.precision_choice.requested,
             "backend": self.tower_label,
-            "scales": list(self.scales),
+            "kernels": self.kernels,
         }
+        if self.cpu_isa is not None:
+            out["cpu_isa"] = self.cpu_isa
+        if self.precision_choice.fallback:
+            out["precision_fallback"] = self.precision_choice.fallback
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **self._precision_details(), "scales": list(self.scales)}
 
 
 WEIGHTS_NAME = "openclip-vit-b-16-plus-240-laion400m_e31"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.cpu import cpu_capabilities
 from models.winclip.maths import make_masks, patch_window_index
 
 TowerFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -61,19 +62,28 @@ class VisualTower(nn.Module):
 
 def onednn_linear_available() -> bool:
     """Whether this torch build has oneDNN's prepacked linear kernels (x86 CPU builds do)."""
-    return bool(
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return cpu_capabilities().onednn_linear
+
+
+def default_prepack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether :class:`PackedTower` prepacks weights for oneDNN by default (see ``models/cpu.py``).
+
+    fp32: on AVX-512 CPUs only (oneDNN's prepacked GEMM beat ``F.linear`` there —
+    about 170 vs 130 GFLOP/s on a Zen 4 — and lost by 15 % on an AVX2 EPYC). bf16:
+    wherever oneDNN's bf16 kernels run (its prepacked bf16 weights do not exist
+    elsewhere). Never for fp16 or off the CPU.
+    """
+    if torch.device(device).type != "cpu" or dtype == torch.float16:
+        return False
+    caps = cpu_capabilities()
+    return caps.onednn_bf16 if dtype == torch.bfloat16 else caps.prefer_onednn_fp32
 
 
 class _Linear:
     """``y = x @ W.T + b`` for 2-D ``x``, with the weight optionally prepacked for oneDNN.
 
-    On x86 CPUs oneDNN's GEMM with a prepacked weight runs markedly faster than
-    the default BLAS call behind ``F.linear`` (about 170 vs 130 GFLOP/s fp32 on the
-    2-core Zen 4 development machine); results agree to float rounding.
+    Prepacked or not, results agree to float rounding; which one is faster depends on
+    the CPU (:func:`default_prepack`).
     """
 
     def __init__(
@@ -118,7 +128,14 @@ class PackedTower(nn.Module):
         visual: the open_clip ViT whose weights are used.
         dtype: compute dtype (``float32``, or ``bfloat16``/``float16`` for a
             low-precision copy of the weights); inputs and outputs are float32.
-        prepack: prepack weights for oneDNN (CPU only); ``None`` = when available.
+            This class does what it is told: whether bf16 is worth it on this CPU is
+            the detector's choice (:func:`models.cpu.resolve_precision`).
+        prepack: prepack weights for oneDNN (CPU only); ``None`` = what suits this CPU
+            (:func:`default_prepack`). ``True`` for bf16 where oneDNN has no bf16
+            kernels raises ``ValueError``.
+
+    Attributes:
+        kernels: ``onednn-prepacked`` or ``torch`` (the GEMM path in use).
     """
 
     def __init__(
@@ -134,9 +151,19 @@ class PackedTower(nn.Module):
         base = VisualTower(visual)
         device = base.ln_pre.weight.device
         if prepack is None:
-            prepack = device.type == "cpu" and dtype != torch.float16 and onednn_linear_available()
+            prepack = default_prepack(dtype, device)
+        elif prepack:
+            caps = cpu_capabilities()
+            if device.type != "cpu" or not caps.onednn_linear:
+                raise ValueError("prepack=True needs a CPU tower and a torch build with oneDNN")
+            if dtype == torch.bfloat16 and not caps.onednn_bf16:
+                raise ValueError(
+                    f"prepack=True with bfloat16 needs oneDNN bf16 kernels (AVX-512 BW/VL/DQ or "
+                    f"AVX-NE-CONVERT); {caps.summary()}"
+                )
         self.dtype = dtype
         self.prepack = bool(prepack)
+        self.kernels = "onednn-prepacked" if self.prepack else "torch"
         low = dtype != torch.float32
         # measured on the Zen 4 CPU: for bf16, fusing GELU into the GEMM and a plain
         # matmul-softmax-matmul attention beat separate GELU and the SDPA kernel on

@@ -2,7 +2,8 @@
 
 Deliberately naive: prompts built by loops, the full 77-token text encoder,
 open_clip's own image forward for the CLS and patch tokens, each window cropped
-by token selection and run ALONE, aggregation by Python loops in float64.
+by token selection and run ALONE (for all images of a batch at once), aggregation
+by Python loops in float64.
 Shares no code with models/winclip.
 """
 
@@ -67,13 +68,20 @@ def encode(clip, x: torch.Tensor, scales=(2, 3)):
     t = v.conv1(x).reshape(x.shape[0], v.conv1.out_channels, -1).permute(0, 2, 1)
     t = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), t], dim=1) + v.positional_embedding
     win = {}
-    for k in scales:
-        embs = []
-        for patches in windows(grid, k):
-            seq = t[:, [0] + [p + 1 for p in patches]]
-            h = v.ln_post(v.transformer(v.ln_pre(seq)))
-            embs.append(h[:, 0] @ v.proj)
-        win[k] = torch.stack(embs, dim=1)  # [B, W, E]
+    # Hundreds of tiny passes: on one thread. With several, OpenMP threads spin at every
+    # small op and a shared, loaded machine makes that loop 5x slower in CPU and wall time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in scales:
+            embs = []
+            for patches in windows(grid, k):
+                seq = t[:, [0] + [p + 1 for p in patches]]  # this window alone, all images: [B, 1+k*k, D]
+                h = v.ln_post(v.transformer(v.ln_pre(seq)))
+                embs.append(h[:, 0] @ v.proj)
+            win[k] = torch.stack(embs, dim=1)  # [B, W, E]
+    finally:
+        torch.set_num_threads(threads)
     return cls_emb, patch_tokens, win
 
 
@@ -92,35 +100,57 @@ def va(x: torch.Tensor, memory: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def predict(
-    clip, model_name: str, image: np.ndarray, object_name: str, references: list[np.ndarray] | None = None
+def predict_encoded(
+    protos: torch.Tensor,
+    encoded,
+    index: int,
+    out_shape: tuple[int, int],
+    grid: int,
+    memory: list[int] | None = None,
 ):
-    """Return (score, map at input resolution) per METHODS.md."""
-    size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, tuple) else clip.visual.image_size
-    grid = clip.visual.grid_size[0]
-    protos = text_prototypes(clip, model_name, object_name)
-    cls_emb, patches, win = encode(clip, pixels([image], size))
-    s_img = score(cls_emb[0], protos)
+    """(score, map of size ``out_shape``) for image ``index`` of an :func:`encode` batch.
+
+    ``memory``: indices, in the same batch, of the normal images of the few-shot memory
+    (``None``: zero-shot). Lets one encoding serve several checks.
+    """
+    cls_emb, patches, win = encoded
+    s_img = score(cls_emb[index], protos)
     inv = np.full((grid, grid), 1.0 / s_img)
     for k in (2, 3):
-        m = harmonic([score(win[k][0, w], protos) for w in range(win[k].shape[1])], grid, k)
+        m = harmonic([score(win[k][index, w], protos) for w in range(win[k].shape[1])], grid, k)
         inv = inv + np.where(m > 0, 1.0 / np.where(m > 0, m, 1.0), np.inf)
     m0 = 3.0 / inv
     final_map, final_score = m0, s_img
-    if references:
-        _, rp, rw = encode(clip, pixels(references, size))
-        mem_p = rp.reshape(-1, rp.shape[-1])
-        fs = [np.array([va(patches[0, p], mem_p) for p in range(grid * grid)]).reshape(grid, grid)]
+    if memory:
+        mem_p = patches[memory].reshape(-1, patches.shape[-1])
+        fs = [np.array([va(patches[index, p], mem_p) for p in range(grid * grid)]).reshape(grid, grid)]
         for k in (2, 3):
-            mem = rw[k].reshape(-1, rw[k].shape[-1])
-            fs.append(harmonic([va(win[k][0, w], mem) for w in range(win[k].shape[1])], grid, k))
+            mem = win[k][memory].reshape(-1, win[k].shape[-1])
+            fs.append(harmonic([va(win[k][index, w], mem) for w in range(win[k].shape[1])], grid, k))
         m_fs = np.mean(fs, axis=0)
         final_map = (m0 + m_fs) / 2
         final_score = (s_img + m_fs.max()) / 2
     up = F.interpolate(
         torch.tensor(final_map, dtype=torch.float32)[None, None],
-        size=image.shape[:2],
+        size=out_shape,
         mode="bilinear",
         align_corners=False,
     )
     return final_score, up[0, 0].numpy()
+
+
+def image_size(clip) -> int:
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, tuple) else size)
+
+
+@torch.no_grad()
+def predict(
+    clip, model_name: str, image: np.ndarray, object_name: str, references: list[np.ndarray] | None = None
+):
+    """Return (score, map at input resolution) per METHODS.md."""
+    protos = text_prototypes(clip, model_name, object_name)
+    images = [image, *(references or [])]
+    encoded = encode(clip, pixels(images, image_size(clip)))
+    memory = list(range(1, len(images))) or None
+    return predict_encoded(protos, encoded, 0, image.shape[:2], clip.visual.grid_size[0], memory)
