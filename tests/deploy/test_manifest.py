@@ -13,7 +13,7 @@ from models import weights
 from models.weights import FileSpec, WeightSpec, check_file, manifest, names_for_method
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = {"winclip", "anomalyclip", "saa_plus"}
+METHODS = {"winclip", "anomalyclip", "saa_plus", "musc"}
 
 # names and files other engineers' code relies on (shared decision: keep exactly)
 EXPECTED_FILES = {
