@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from models.base import RANDOM_INIT, WeightsError
 from models.clip_backbone import create_clip
@@ -27,12 +28,22 @@ from models.musc.bank import (
     check_bank,
 )
 from models.musc.detector import MuscConfig, MuscDetector, StreamPrediction, resolve_precision
-from models.musc.torch_model import R_LIST, RSCIN_K, RSCIN_K_VISA, TOPMIN_MAX, TOPMIN_MIN, ClipTokenEncoder
+from models.musc.torch_model import (
+    R_LIST,
+    RSCIN_K,
+    RSCIN_K_VISA,
+    TOPMIN_MAX,
+    TOPMIN_MIN,
+    ClipTokenEncoder,
+    Dinov2TokenEncoder,
+)
 from models.registry import MethodSpec, register_method
 from models.weights import fetch_hint, manifest
 
 DEFAULT_BACKBONE = "ViT-L-14-336"
 TINY_BACKBONE = "tiny-musc-clip-test"
+DINOV2_BACKBONE = "dinov2_vitb14"
+TINY_DINOV2_BACKBONE = "tiny-musc-dinov2-test"
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,18 @@ ARCHS: dict[str, MuscArch] = {
         weights_name="openclip-vit-l-14-336-openai",
         pretrained_tag="openai",
     ),
+    # the cheaper published setting (official scripts: dinov2_vitb14, feature_layers 2 5 8 11, 518)
+    DINOV2_BACKBONE: MuscArch(
+        kind="dinov2",
+        model="vit_base_patch14_dinov2",
+        image_size=518,
+        feature_layers=(3, 6, 9, 12),
+        weights_name="timm-vit-base-patch14-dinov2",
+    ),
     TINY_BACKBONE: MuscArch(kind="clip", model=TINY_BACKBONE, image_size=112, feature_layers=(1, 2, 3, 4)),
+    TINY_DINOV2_BACKBONE: MuscArch(
+        kind="dinov2", model="tiny-dinov2-test", image_size=112, feature_layers=(1, 2)
+    ),
 }
 
 
@@ -117,6 +139,22 @@ def _clip_encoder(
     )
 
 
+def _dinov2_encoder(
+    backbone: str, arch: MuscArch, weights: Any, device: str
+) -> tuple[Dinov2TokenEncoder, str, bool]:
+    from models.dinov2 import create_dinov2
+
+    w = weights
+    if w is not None and str(w) != RANDOM_INIT and Path(w).expanduser().is_dir():
+        w = weights_from_dir(Path(w).expanduser(), backbone)
+    bb = create_dinov2(arch.model, w, device=device)  # a clear WeightsError if missing
+    return (
+        Dinov2TokenEncoder(model=bb.model, feature_layers=arch.feature_layers),
+        bb.weights_tag,
+        bb.random_weights,
+    )
+
+
 def build_musc(
     *,
     weights: Any = None,
@@ -137,8 +175,10 @@ def build_musc(
     Args:
         weights: backbone checkpoint path (or a weights directory); ``None`` = the official
             source through the library (needs a network); ``RANDOM_INIT`` = random weights
-            (tests/demo only, seeded by ``seed``).
-        backbone: ``ViT-L-14-336`` (official default) or ``tiny-musc-clip-test`` (tests).
+            (tests/demo only; CLIP seeded by ``seed``, DINOv2 by models.dinov2's fixed seed).
+        backbone: ``ViT-L-14-336`` (official default), ``dinov2_vitb14`` (the cheaper published
+            setting, timm DINOv2 ViT-B/14), or ``tiny-musc-clip-test`` / ``tiny-musc-dinov2-test``
+            (tests).
         image_size: processing size (default: the backbone's official one, 518).
         r_list, topmin_min, topmin_max, rscin_k: scoring settings (official defaults;
             ``rscin_k=(1, 8, 9)`` is the official VisA setting, ``()`` switches RsCIN off).
@@ -148,11 +188,14 @@ def build_musc(
         **_: other options are accepted and ignored.
     """
     arch = _arch(backbone)
+    encoder: nn.Module
     if arch.kind == "clip":
         encoder, tag, random_weights = _clip_encoder(backbone, arch, weights, device, seed)
-        mean, std, interp = encoder_preprocessing(arch)
-    else:  # pragma: no cover - no other kind registered yet
+    elif arch.kind == "dinov2":
+        encoder, tag, random_weights = _dinov2_encoder(backbone, arch, weights, device)
+    else:  # pragma: no cover - no other kind registered
         raise ValueError(f"unsupported backbone kind {arch.kind!r}")
+    mean, std, interp = encoder_preprocessing(arch)
     config = MuscConfig(
         image_size=int(image_size or arch.image_size),
         r_list=tuple(int(r) for r in r_list),
@@ -202,9 +245,11 @@ __all__ = [
     "ARCHS",
     "BANK_ARRAYS",
     "DEFAULT_BACKBONE",
+    "DINOV2_BACKBONE",
     "RSCIN_K",
     "RSCIN_K_VISA",
     "TINY_BACKBONE",
+    "TINY_DINOV2_BACKBONE",
     "MuscArch",
     "MuscConfig",
     "MuscDetector",

@@ -59,7 +59,7 @@ class BackboneTokens:
         patch_tokens: per feature block ``[B, L, C]`` float (class token dropped), in
             row-major grid order; ``L = gh * gw``.
         image_embedding: ``[B, E]`` image-level embedding used by RsCIN (CLIP: projected,
-            L2-normalised class token; DINOv2: final-norm class token).
+            L2-normalised class token; DINOv2: final-norm class token, not normalised).
         grid: ``(gh, gw)``.
     """
 
@@ -159,6 +159,85 @@ class ClipTokenEncoder(nn.Module):
             patch_tokens=tuple(taken[layer] for layer in self.feature_layers),
             image_embedding=pooled,
             grid=grid,
+        )
+
+
+DINOV2_INTERPOLATE_OFFSET = 0.1  # facebookresearch/dinov2 ``interpolate_offset`` default
+
+
+def interpolate_pos_embedding_dinov2(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """DINOv2 position embedding ``[1, 1 + M*M, D]`` for a square ``grid`` -> ``[1, 1 + g*g, D]``.
+
+    As the official torch-hub DINOv2 (``interpolate_pos_encoding``) that MuSc loads: unchanged
+    when the grid is the trained one (37 x 37 at 518), otherwise bicubic with
+    ``scale_factor = (g + 0.1) / M`` (not a target size), no antialias, in float32.
+    (timm's ``dynamic_img_size`` resamples to a target size instead, which differs.)
+    """
+    if grid[0] != grid[1]:
+        raise ValueError(f"MuSc processes square images; got a {grid[0]}x{grid[1]} grid")
+    _, n1, dim = pos.shape
+    m = round((n1 - 1) ** 0.5)
+    if m * m != n1 - 1:
+        raise ValueError(f"position embedding of {n1} tokens is not 1 + a square grid")
+    g = grid[0]
+    if g == m:
+        return pos
+    patch = pos[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
+    scale = float(g + DINOV2_INTERPOLATE_OFFSET) / m
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if tuple(patch.shape[-2:]) != (g, g):
+        raise RuntimeError(f"position embedding resized to {tuple(patch.shape[-2:])}, expected {(g, g)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, g * g, dim).to(pos.dtype)  # [1, g*g, D]
+    return torch.cat([pos[:, :1], patch], dim=1)
+
+
+class Dinov2TokenEncoder(nn.Module):
+    """MuSc tokens from a timm DINOv2 ``VisionTransformer`` (:mod:`models.dinov2` builds it).
+
+    Matches what the official code takes from the torch-hub DINOv2:
+    ``get_intermediate_layers(x, n=blocks, return_class_token=False)`` (default
+    ``norm=True``: the FINAL LayerNorm applied to each chosen block's output, class token
+    dropped), and ``model(x)`` as the image embedding (the final-norm class token, not
+    L2-normalised). Position embedding: :func:`interpolate_pos_embedding_dinov2`.
+
+    Args:
+        model: timm DINOv2 ViT (class token, no register tokens).
+        feature_layers: 1-indexed blocks (official ``feature_layers`` + 1, e.g. 3, 6, 9, 12).
+    """
+
+    def __init__(self, *, model: Any, feature_layers: Sequence[int]) -> None:
+        super().__init__()
+        if getattr(model, "reg_token", None) is not None or model.cls_token is None or model.no_embed_class:
+            raise ValueError("expected a DINOv2 ViT with a class token, no register tokens")
+        self.model = model
+        n_blocks = len(model.blocks)
+        layers = tuple(int(i) for i in feature_layers)
+        if not layers or min(layers) < 1 or max(layers) > n_blocks:
+            raise ValueError(f"feature layers {layers} outside 1..{n_blocks}")
+        self.feature_layers = layers
+        patch = model.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.token_dim = int(model.embed_dim)
+        self.embedding_dim = int(model.embed_dim)
+
+    def forward(self, pixels: torch.Tensor) -> BackboneTokens:
+        """``pixels [B, 3, S, S]`` (ImageNet-normalised) -> :class:`BackboneTokens`."""
+        m: Any = self.model
+        x = m.patch_embed(pixels)  # [B, gh, gw, D] (NHWC: built with dynamic_img_size)
+        b, gh, gw, d = x.shape
+        x = x.reshape(b, gh * gw, d)  # [B, L, D]
+        x = torch.cat([m.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)  # [B, 1 + L, D]
+        x = x + interpolate_pos_embedding_dinov2(m.pos_embed, (gh, gw)).to(x.dtype)
+        x = m.norm_pre(x)
+        taken: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(m.blocks, start=1):
+            x = block(x)  # [B, 1 + L, D]
+            if i in self.feature_layers:
+                taken[i] = m.norm(x)[:, 1:]  # [B, L, D]
+        return BackboneTokens(
+            patch_tokens=tuple(taken[layer] for layer in self.feature_layers),
+            image_embedding=m.norm(x)[:, 0],  # [B, D]
+            grid=(int(gh), int(gw)),
         )
 
 

@@ -19,15 +19,17 @@ import torch.nn.functional as F
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def ref_pixels(images: list[np.ndarray]) -> torch.Tensor:
-    """Images already at the processing size: ToTensor + Normalize (OpenAI stats)."""
+def ref_pixels(images: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Images already at the processing size: ToTensor + Normalize."""
     out = []
     for img in images:
         t = torch.tensor(img, dtype=torch.float32).permute(2, 0, 1) / 255.0
         for c in range(3):
-            t[c] = (t[c] - OPENAI_MEAN[c]) / OPENAI_STD[c]
+            t[c] = (t[c] - mean[c]) / std[c]
         out.append(t)
     return torch.stack(out)
 
@@ -65,6 +67,56 @@ def ref_encode(
     pooled = pooled @ visual.proj
     pooled = pooled / pooled.norm(dim=-1, keepdim=True)
     return tokens, pooled
+
+
+def ref_dinov2_pos_encoding(model: Any, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+    """facebookresearch/dinov2 ``interpolate_pos_encoding`` (interpolate_offset 0.1, no antialias)."""
+    previous_dtype = x.dtype
+    npatch = x.shape[1] - 1
+    n = model.pos_embed.shape[1] - 1
+    if npatch == n and w == h:
+        return model.pos_embed
+    pos_embed = model.pos_embed.float()
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // model.patch_embed.patch_size[0]
+    h0 = h // model.patch_embed.patch_size[0]
+    m = int(math.sqrt(n))
+    sx = float(w0 + 0.1) / m
+    sy = float(h0 + 0.1) / m
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+        scale_factor=(sx, sy),
+        mode="bicubic",
+        antialias=False,
+    )
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+
+
+@torch.no_grad()
+def ref_encode_dinov2(
+    model: Any, pixels: torch.Tensor, out_layers: list[int]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Official dinov2 branch of ``musc.py``: ``get_intermediate_layers(n=[l-1 ...])`` (norm=True),
+    a zero "fake class token" prepended, and ``model(x)`` (final-norm class token)."""
+    _, _, w, h = pixels.shape  # (the hub names dim 2 "w")
+    x = model.patch_embed.proj(pixels).flatten(2).transpose(1, 2)  # hub PatchEmbed
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    x = x + ref_dinov2_pos_encoding(model, x, w, h)
+    outputs = []
+    blocks_to_take = [layer - 1 for layer in out_layers]
+    for i, blk in enumerate(model.blocks):
+        x = blk(x)
+        if i in blocks_to_take:
+            outputs.append(x)
+    outputs = [model.norm(out) for out in outputs]
+    patch = [out[:, 1:] for out in outputs]
+    fake_cls = [torch.zeros_like(p)[:, 0:1, :] for p in patch]
+    tokens = [torch.cat([fake_cls[i], patch[i]], dim=1) for i in range(len(patch))]
+    image_features = model.norm(x)[:, 0]
+    return tokens, image_features
 
 
 def ref_lnamd(tokens: list[torch.Tensor], r: int) -> torch.Tensor:
@@ -142,16 +194,23 @@ def ref_rscin(scores_old: np.ndarray, cls_tokens: np.ndarray, k_list: list[int])
 
 @torch.no_grad()
 def ref_musc(
-    visual: Any,
+    model: Any,
     images: list[np.ndarray],
     *,
+    kind: str,
     out_layers: list[int],
     r_list: list[int],
     image_size: int,
     k_list: list[int],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(maps (N, S, S) float64, scores before RsCIN (N,), RsCIN scores (N,))`` as ``musc.py``."""
-    tokens, cls = ref_encode(visual, ref_pixels(images), out_layers)
+    """``(maps (N, S, S) float64, scores before RsCIN (N,), RsCIN scores (N,))`` as ``musc.py``.
+
+    ``model``: ``clip.visual`` (``kind="clip"``) or the DINOv2 ViT (``kind="dinov2"``).
+    """
+    if kind == "clip":
+        tokens, cls = ref_encode(model, ref_pixels(images, OPENAI_MEAN, OPENAI_STD), out_layers)
+    else:
+        tokens, cls = ref_encode_dinov2(model, ref_pixels(images, IMAGENET_MEAN, IMAGENET_STD), out_layers)
     maps_r = []
     for r in r_list:
         feats = ref_lnamd(tokens, r)

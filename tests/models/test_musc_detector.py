@@ -203,3 +203,23 @@ def test_no_request_state_concurrent_calls_agree(det: MuscDetector) -> None:
         fb = ex.submit(det.predict_batch, b)
         assert [r.score for r in fa.result()] == pytest.approx(want_a, abs=1e-6)
         assert [r.score for r in fb.result()] == pytest.approx(want_b, abs=1e-6)
+
+
+def test_dinov2_backbone_official_settings_and_tiny_build(tmp_path: Path) -> None:
+    from models.musc import ARCHS
+
+    a = ARCHS["dinov2_vitb14"]
+    assert a.kind == "dinov2" and a.model == "vit_base_patch14_dinov2"
+    assert a.image_size == 518 and a.feature_layers == (3, 6, 9, 12)
+    assert models.method_spec("musc").required_weights(backbone="dinov2_vitb14") == (
+        "timm-vit-base-patch14-dinov2",
+    )
+    with pytest.raises(WeightsError, match="not found"):
+        models.load_detector("musc", weights=tmp_path / "nope.safetensors", backbone="dinov2_vitb14")
+    tiny = models.load_tiny_detector("musc", backbone="tiny-musc-dinov2-test")
+    assert tiny.describe()["feature_layers"] == [1, 2]
+    res = tiny.predict_batch(imgs(3, seed=12))
+    assert all(0.0 <= r.score <= 1.0 for r in res)
+    bank = tiny.encode_references(imgs(2, seed=13))
+    # 2 blocks x 64 patches x 48 channels x 2 bytes + 48 x 2 + 8
+    assert bank_bytes_per_image(bank) == tiny.bytes_per_image == 2 * 64 * 48 * 2 + 48 * 2 + 8

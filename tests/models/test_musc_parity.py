@@ -1,13 +1,17 @@
 """MuSc against a straightforward re-implementation of the official code (tests/models/musc_reference.py).
 
-Tiny random ViT (open_clip, GELU, 4 blocks, 8x8 grid at 112 px, positional embedding
-resized from 4x4 as the official code does at 518 from 24x24).
+Tiny random ViTs of both backbone kinds: open_clip (GELU, 4 blocks, 8x8 grid at 112 px,
+positional embedding resized from 4x4 as the official code does at 518 from 24x24) and
+timm DINOv2 (2 blocks, 7x7 trained grid resized to 8x8 as the torch-hub DINOv2 does).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+import torch
 
 import models
 from models.musc import MuscDetector
@@ -18,11 +22,42 @@ N = 8  # 7 other images: MSM interval = lowest int(7 * 0.3) = 2 per-image distan
 SIZE = 112
 
 
+BACKBONES = {"clip": "tiny-musc-clip-test", "dinov2": "tiny-musc-dinov2-test"}
+
+
+@pytest.fixture(scope="module", params=sorted(BACKBONES))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def det() -> MuscDetector:
-    d = models.load_tiny_detector("musc", bank_dtype="float32")
+def det(kind: str) -> MuscDetector:
+    d = models.load_tiny_detector("musc", backbone=BACKBONES[kind], bank_dtype="float32")
     assert isinstance(d, MuscDetector)
+    if kind == "dinov2":
+        # DINOv2 initialises LayerScale at 1e-5: random blocks would barely change the
+        # tokens and every class token would be the same. Give the blocks a say.
+        enc: Any = d.encoder
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for block in enc.model.blocks:
+                for ls in (block.ls1, block.ls2):
+                    ls.gamma.copy_(torch.rand(ls.gamma.shape, generator=g) + 0.5)
     return d
+
+
+def same_model(det: MuscDetector, bank_dtype: str) -> MuscDetector:
+    return MuscDetector(
+        encoder=det.encoder,
+        model_name=det.model_name,
+        weights_tag=det.weights_tag,
+        random_weights=True,
+        config=det.config,
+        mean=det.mean,
+        std=det.std,
+        interpolation=det.interpolation,
+        bank_dtype=bank_dtype,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +69,14 @@ def images() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reference(det: MuscDetector, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference(
+    kind: str, det: MuscDetector, images: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    enc: Any = det.encoder
     return ref_musc(
-        det.encoder.visual,
+        enc.visual if kind == "clip" else enc.model,
         images,
+        kind=kind,
         out_layers=list(det.feature_layers),
         r_list=[1, 3, 5],
         image_size=SIZE,
@@ -93,7 +132,7 @@ def test_stream_with_a_float16_bank_is_close_to_the_float32_answer(
     det: MuscDetector, images: list[np.ndarray], reference: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
     ref_maps, ref_scores, _ = reference
-    d16 = models.load_tiny_detector("musc")  # default bank dtype float16
+    d16 = same_model(det, "float16")
     bank = d16.encode_references(images[:-1])
     assert bank.arrays["tokens"].dtype == np.float16
     res = d16.predict(images[-1], references=bank)
