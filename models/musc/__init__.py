@@ -65,11 +65,26 @@ class MuscArch:
     feature_layers: tuple[int, ...]
     weights_name: str | None = None
     pretrained_tag: str | None = None
+    quickgelu_model: str | None = None
+    native_size: int | None = None
+
+    def model_for(self, image_size: int) -> str:
+        """The architecture built at ``image_size``.
+
+        (official code) MuSc's open_clip builds OpenAI weights through ``load_openai_model``
+        (QuickGELU) only when the requested size is the config's own (336 for
+        ``ViT-L-14-336``); at any other size (518) it builds ``CLIP(**config)``, whose
+        activation is ``nn.GELU``, and loads the OpenAI weights into it.
+        """
+        if self.quickgelu_model and image_size == self.native_size:
+            return self.quickgelu_model
+        return self.model
 
 
 ARCHS: dict[str, MuscArch] = {
     # (official code) at 518 MuSc builds open_clip's plain "ViT-L-14-336" config (nn.GELU,
-    # NOT QuickGELU) and loads the OpenAI weights into it; we build exactly that.
+    # NOT QuickGELU) and loads the OpenAI weights into it; we build exactly that
+    # (QuickGELU only at the native 336, see MuscArch.model_for).
     DEFAULT_BACKBONE: MuscArch(
         kind="clip",
         model="ViT-L-14-336",
@@ -77,6 +92,8 @@ ARCHS: dict[str, MuscArch] = {
         feature_layers=(6, 12, 18, 24),
         weights_name="openclip-vit-l-14-336-openai",
         pretrained_tag="openai",
+        quickgelu_model="ViT-L-14-336-quickgelu",
+        native_size=336,
     ),
     # the cheaper published setting (official scripts: dinov2_vitb14, feature_layers 2 5 8 11, 518)
     DINOV2_BACKBONE: MuscArch(
@@ -115,14 +132,15 @@ def weights_from_dir(weights_dir: Path, backbone: str = DEFAULT_BACKBONE, **_: A
 
 
 def _clip_encoder(
-    backbone: str, arch: MuscArch, weights: Any, device: str, seed: int
+    backbone: str, arch: MuscArch, weights: Any, device: str, seed: int, image_size: int
 ) -> tuple[ClipTokenEncoder, str, bool]:
+    model = arch.model_for(image_size)
     if weights is not None and str(weights) == RANDOM_INIT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            bb = create_clip(arch.model, RANDOM_INIT, pretrained_tag=None, device=device)
+            bb = create_clip(model, RANDOM_INIT, pretrained_tag=None, device=device)
     elif weights is None:
-        bb = create_clip(arch.model, None, pretrained_tag=arch.pretrained_tag, device=device)
+        bb = create_clip(model, None, pretrained_tag=arch.pretrained_tag, device=device)
     else:
         path = Path(weights).expanduser()
         if path.is_dir():
@@ -130,7 +148,7 @@ def _clip_encoder(
         if not path.is_file():
             hint = fetch_hint([arch.weights_name], path.parent) if arch.weights_name else "pass a checkpoint"
             raise WeightsError(f"MuSc backbone weights not found: {path}. Fetch them with: {hint}")
-        bb = create_clip(arch.model, path, pretrained_tag=None, device=device)
+        bb = create_clip(model, path, pretrained_tag=None, device=device)
     visual: Any = bb.model.visual
     return (
         ClipTokenEncoder(visual=visual, feature_layers=arch.feature_layers),
@@ -188,16 +206,17 @@ def build_musc(
         **_: other options are accepted and ignored.
     """
     arch = _arch(backbone)
+    size = int(image_size or arch.image_size)
     encoder: nn.Module
     if arch.kind == "clip":
-        encoder, tag, random_weights = _clip_encoder(backbone, arch, weights, device, seed)
+        encoder, tag, random_weights = _clip_encoder(backbone, arch, weights, device, seed, size)
     elif arch.kind == "dinov2":
         encoder, tag, random_weights = _dinov2_encoder(backbone, arch, weights, device)
     else:  # pragma: no cover - no other kind registered
         raise ValueError(f"unsupported backbone kind {arch.kind!r}")
     mean, std, interp = encoder_preprocessing(arch)
     config = MuscConfig(
-        image_size=int(image_size or arch.image_size),
+        image_size=size,
         r_list=tuple(int(r) for r in r_list),
         topmin_min=float(topmin_min),
         topmin_max=float(topmin_max),

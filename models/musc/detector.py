@@ -355,7 +355,8 @@ class MuscDetector(Detector):
             normed: ``[Q, n_blocks, L, C]`` LayerNormed tokens (:meth:`features`).
             embeddings: ``[Q, E]`` image embeddings (needed for RsCIN).
             bank: a bank, or ``None`` (batch mode: needs ``Q >= 2``).
-            apply_rscin: RsCIN over the queries; only in batch mode (ignored with a bank).
+            apply_rscin: RsCIN over the queries; only in batch mode (never with a bank, even
+                an empty one).
         """
         q = int(normed.shape[0])
         m = 0 if bank is None else bank.count
@@ -379,7 +380,7 @@ class MuscDetector(Detector):
         )
         maps, img_scores = score_maps(patch, self.grid, self.config.image_size)
         rs = None
-        if bank_normed is None and apply_rscin and self.config.rscin_k and 0 not in self.config.rscin_k:
+        if bank is None and apply_rscin and self.config.rscin_k and 0 not in self.config.rscin_k:
             if embeddings is None:
                 raise ValueError("RsCIN needs the image embeddings")
             rs = rscin(img_scores, embeddings, self.config.rscin_k)

@@ -223,3 +223,13 @@ def test_dinov2_backbone_official_settings_and_tiny_build(tmp_path: Path) -> Non
     bank = tiny.encode_references(imgs(2, seed=13))
     # 2 blocks x 64 patches x 48 channels x 2 bytes + 48 x 2 + 8
     assert bank_bytes_per_image(bank) == tiny.bytes_per_image == 2 * 64 * 48 * 2 + 48 * 2 + 8
+
+
+def test_vit_l_activation_follows_the_official_builder() -> None:
+    """MuSc's open_clip: QuickGELU only at the config's own 336, plain GELU at 518."""
+    from models.musc import ARCHS
+
+    a = ARCHS["ViT-L-14-336"]
+    assert a.model_for(518) == "ViT-L-14-336"
+    assert a.model_for(336) == "ViT-L-14-336-quickgelu"
+    assert ARCHS["dinov2_vitb14"].model_for(336) == "vit_base_patch14_dinov2"
