@@ -176,6 +176,7 @@ class MuscDetector(Detector):
             MSM always run in float32, as the official ``cdist``) or ``fp16`` (CUDA).
         bank_dtype: ``float16`` (default, half the bytes) or ``float32`` for bank tokens.
         chunk: reference images per ``cdist`` call.
+        encode_batch: images per backbone pass.
     """
 
     method = "musc"
@@ -196,6 +197,7 @@ class MuscDetector(Detector):
         precision: str = "fp32",
         bank_dtype: str = "float16",
         chunk: int = DEFAULT_CHUNK,
+        encode_batch: int = 8,
     ) -> None:
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {', '.join(_BANK_DTYPES)}, got {bank_dtype!r}")
@@ -218,6 +220,7 @@ class MuscDetector(Detector):
         self.requested_precision = precision
         self.bank_dtype = bank_dtype
         self.chunk = int(chunk)
+        self.encode_batch = max(1, int(encode_batch))
         self.feature_layers: tuple[int, ...] = tuple(int(i) for i in enc.feature_layers)
         self.token_dim = int(enc.token_dim)
         self.embedding_dim = int(enc.embedding_dim)
@@ -283,10 +286,16 @@ class MuscDetector(Detector):
 
     @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """LayerNormed tokens ``[B, n_blocks, L, C]`` float32 and embeddings ``[B, E]`` float32."""
-        toks = self.encode_tokens(self.pixels(images))
-        normed = torch.stack([layer_norm_tokens(t, self.grid) for t in toks.patch_tokens], dim=1)
-        return normed, toks.image_embedding
+        """LayerNormed tokens ``[B, n_blocks, L, C]`` float32 and embeddings ``[B, E]`` float32.
+
+        The backbone sees at most ``encode_batch`` images at a time (bounds activation memory).
+        """
+        normed, emb = [], []
+        for s in range(0, len(images), self.encode_batch):
+            toks = self.encode_tokens(self.pixels(images[s : s + self.encode_batch]))
+            normed.append(torch.stack([layer_norm_tokens(t, self.grid) for t in toks.patch_tokens], dim=1))
+            emb.append(toks.image_embedding)
+        return torch.cat(normed), torch.cat(emb)
 
     def _entry(self, images: Sequence[np.ndarray], normed: torch.Tensor, emb: torch.Tensor) -> ReferenceSet:
         dt = _BANK_DTYPES[self.bank_dtype]

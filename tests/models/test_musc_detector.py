@@ -233,3 +233,19 @@ def test_vit_l_activation_follows_the_official_builder() -> None:
     assert a.model_for(518) == "ViT-L-14-336"
     assert a.model_for(336) == "ViT-L-14-336-quickgelu"
     assert ARCHS["dinov2_vitb14"].model_for(336) == "vit_base_patch14_dinov2"
+
+
+def test_backbone_chunks_do_not_change_the_features(det: MuscDetector) -> None:
+    images = imgs(5, seed=21)
+    chunked = MuscDetector(
+        encoder=det.encoder,
+        model_name=det.model_name,
+        weights_tag=det.weights_tag,
+        random_weights=True,
+        config=det.config,
+        encode_batch=2,
+    )
+    a, ea = det.features(images)
+    b, eb = chunked.features(images)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ea, eb, atol=1e-5, rtol=0)
