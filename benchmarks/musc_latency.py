@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-bf16", action="store_true")
     args = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows during a long run
     if args.batch < 2 or args.bank < 1 or args.backbone_images < 1:
         ap.error("--batch >= 2, --bank >= 1 and --backbone-images >= 1")
     print("MuSc latency: real architectures, RANDOM weights (timing only)")
