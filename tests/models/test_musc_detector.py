@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,3 +250,13 @@ def test_backbone_chunks_do_not_change_the_features(det: MuscDetector) -> None:
     b, eb = chunked.features(images)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(ea, eb, atol=1e-5, rtol=0)
+
+
+def test_written_out_clip_block_equals_the_open_clip_block(det: MuscDetector) -> None:
+    from models.musc.torch_model import clip_block
+
+    enc: Any = det.encoder
+    x = torch.randn(3, 17, enc.token_dim, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for block in enc.visual.transformer.resblocks:
+            torch.testing.assert_close(clip_block(block, x), block(x), atol=1e-5, rtol=0)
