@@ -19,6 +19,7 @@ _BUILTIN_MODULES = {
     "winclip": "models.winclip",
     "anomalyclip": "models.anomalyclip",
     "saa_plus": "models.saa",
+    "musc": "models.musc",
 }
 
 
@@ -68,7 +69,7 @@ def load_detector(method: str, weights: Any = None, device: str = "cpu", **kwarg
     """Build a detector.
 
     Args:
-        method: ``winclip``, ``anomalyclip`` or ``saa_plus``.
+        method: ``winclip``, ``anomalyclip``, ``saa_plus`` or ``musc``.
         weights: ``None`` for the official pretrained source (needs a network the first
             time), a local checkpoint path, or ``models.RANDOM_INIT`` for random weights
             (tests and the labelled demo mode only).
