@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from models.base import (
     image_hash,
 )
 from models.clip_backbone import OPENAI_MEAN, OPENAI_STD
+from models.cpu import PrecisionChoice
+from models.cpu import resolve_precision as shared_resolve_precision
 from models.musc.bank import check_bank
 from models.musc.torch_model import (
     DEFAULT_CHUNK,
@@ -66,30 +67,23 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _BANK_DTYPES = {"float16": np.float16, "float32": np.float32}
 #: the result contract is [0, 1]; MSM distances between unit vectors lie in [0, 2]
 MAP_SCALE = 0.5
-_warned_bf16 = threading.Event()
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``precision`` validated; ``bf16`` on a CPU without native bf16 becomes ``fp32`` (one warning)."""
+    """``precision`` validated; ``bf16`` on a CPU without native bf16 runs ``fp32``.
+
+    The CPU decision and its one warning are :func:`models.cpu.resolve_precision`'s
+    (shared by every method).
+    """
+    return _precision_choice(precision, device).effective
+
+
+def _precision_choice(precision: str, device: str) -> PrecisionChoice:
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-    on_cuda = str(device).startswith("cuda")
-    if precision == "fp16" and not on_cuda:
+    if precision == "fp16" and not str(device).startswith("cuda"):
         raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
-    if precision == "bf16" and not on_cuda and not cpu_supports_bf16():
-        if not _warned_bf16.is_set():
-            _warned_bf16.set()
-            log.warning("bf16 requested but this CPU has no native bf16 support: MuSc runs in fp32")
-        return "fp32"
-    return precision
+    return shared_resolve_precision(precision, device, method="musc")
 
 
 def preprocess_images(
@@ -216,7 +210,8 @@ class MuscDetector(Detector):
         self.std = std
         self.interpolation = interpolation
         self.device = str(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision_choice = _precision_choice(precision, self.device)
+        self.precision = self.precision_choice.effective  # what runs
         self.requested_precision = precision
         self.bank_dtype = bank_dtype
         self.chunk = int(chunk)
@@ -252,6 +247,11 @@ class MuscDetector(Detector):
             **super().describe(),
             "precision": self.precision,
             "requested_precision": self.requested_precision,
+            **(
+                {"precision_fallback": self.precision_choice.fallback}
+                if self.precision_choice.fallback
+                else {}
+            ),
             "image_size": self.config.image_size,
             "feature_layers": list(self.feature_layers),
             "r_list": list(self.config.r_list),
@@ -434,6 +434,8 @@ class MuscDetector(Detector):
                 "feature_layers": list(self.feature_layers),
                 "r_list": list(self.config.r_list),
             }
+            if self.precision_choice.fallback:
+                details["precision_fallback"] = self.precision_choice.fallback
             out.append(
                 AnomalyResult(
                     score=min(1.0, max(0.0, score)),

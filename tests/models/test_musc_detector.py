@@ -21,7 +21,6 @@ from models.musc import (
     bank_split,
     bank_summary,
 )
-from models.musc import detector as musc_detector
 from prompts import METHODS
 
 
@@ -163,14 +162,17 @@ def test_bf16_runs_close_to_fp32(det: MuscDetector) -> None:
 def test_bf16_without_cpu_support_falls_back_to_fp32_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(musc_detector, "cpu_supports_bf16", lambda: False)
-    monkeypatch.setattr(musc_detector, "_warned_bf16", musc_detector.threading.Event())
-    with caplog.at_level(logging.WARNING, logger="models.musc.detector"):
+    from models import cpu
+
+    monkeypatch.setenv(cpu.ENV_MAX_ISA, "avx2")  # behave as on an AVX2-only CPU
+    monkeypatch.setattr(cpu, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="models.cpu"):
         a = models.load_tiny_detector("musc", precision="bf16")
         b = models.load_tiny_detector("musc", precision="bf16")
     assert a.describe()["precision"] == "fp32" == b.describe()["precision"]
     assert a.describe()["requested_precision"] == "bf16"
-    assert sum("bf16" in r.getMessage() for r in caplog.records) == 1
+    assert "running fp32" in a.describe()["precision_fallback"]
+    assert sum("musc: bf16" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
