@@ -26,7 +26,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent
 PRODUCTS_DIR = PROMPTS_DIR / "products"
 
 PRODUCT_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
-METHODS = ("winclip", "anomalyclip", "saa_plus")
+METHODS = ("winclip", "anomalyclip", "saa_plus", "anomalydino")
 
 
 class PromptFileError(ValueError):
