@@ -7,6 +7,7 @@ REQUIRED: AnomalyDINO has no zero-shot mode.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -148,7 +149,8 @@ class AnomalyDinoDetector(Detector):
             pass_batch = max(1, CPU_TOKENS_PER_PASS // (gh * gw))
         self.pass_batch = pass_batch
         dtype = _PRECISIONS[self.precision]
-        vit = backbone.model if dtype == torch.float32 else backbone.model.to(dtype)
+        # a low-precision COPY: the backbone may be shared with an fp32 detector
+        vit = backbone.model if dtype == torch.float32 else copy.deepcopy(backbone.model).to(dtype)
         self.model = AnomalyDinoModel(
             vit=vit,
             patch_size=backbone.patch_size,
