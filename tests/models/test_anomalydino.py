@@ -323,6 +323,9 @@ def test_bf16_is_close_to_fp32_where_supported() -> None:
     assert bf16.precision == "bf16" and bf16.model.dtype == torch.bfloat16
     golden = [texture(1, 70, 70)]
     img = perturbed(golden[0], 2, 80)
+    # a bf16 detector on the SAME backbone object leaves the fp32 one in fp32
+    shared = AnomalyDinoDetector(backbone=fp32.backbone, image_size=56, precision="bf16")
+    assert shared.model.dtype == torch.bfloat16 and fp32.backbone.model.pos_embed.dtype == torch.float32
     a = fp32.predict(img, references=fp32.encode_references(golden))
     b = bf16.predict(img, references=bf16.encode_references(golden))
     assert b.details["precision"] == "bf16"
