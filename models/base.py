@@ -45,6 +45,13 @@ class ReferenceMismatchError(ValueError):
     """References were encoded by another method, model or weights than the detector's."""
 
 
+class ReferencesRequiredError(ValueError):
+    """The method scores against golden images (e.g. AnomalyDINO) and none were given.
+
+    The service answers it with a 4xx saying to upload golden images for the product.
+    """
+
+
 @dataclass(frozen=True)
 class AnomalyResult:
     """What a detector says about one image.

@@ -26,7 +26,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent
 PRODUCTS_DIR = PROMPTS_DIR / "products"
 
 PRODUCT_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
-METHODS = ("winclip", "anomalyclip", "saa_plus", "musc")
+METHODS = ("winclip", "anomalyclip", "saa_plus", "anomalydino", "musc")
 
 #: Bounds of the prompt fields. Every state goes into every one of the ensemble's 21
 #: templates, and each prompt is encoded by the text tower on a product's first use:
