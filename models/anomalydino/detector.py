@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from models.base import (
     check_image,
     image_hash,
 )
+from models.cpu import checked_precision
 from models.dinov2 import Dinov2Backbone, preprocess
 
 if TYPE_CHECKING:
@@ -46,31 +46,6 @@ DEFAULT_IMAGE_SIZE = 252  # anomalib's default; the paper also reports 448 and 6
 CPU_TOKENS_PER_PASS = 4096
 PROMPT_DIGEST = "none"  # AnomalyDINO uses no text prompts
 BANK = "bank"  # name of the ReferenceSet array: [M, D] float32 L2-normalised patch features
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's check: AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """Validate ``precision``; bf16 on a CPU without native bf16 falls back to fp32 with a warning."""
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-    on_cuda = str(device).startswith("cuda")
-    if precision == "fp16" and not on_cuda:
-        raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
-    if precision == "bf16" and not on_cuda and not cpu_supports_bf16():
-        warnings.warn(
-            "this CPU has no native bfloat16 support (AVX512-BF16/AMX): AnomalyDINO runs in fp32",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return "fp32"
-    return precision
 
 
 def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -126,7 +101,8 @@ class AnomalyDinoDetector(Detector):
         pass_batch: int | None = None,
     ) -> None:
         self.device = str(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision_choice = checked_precision(precision, self.device, method=self.method)
+        self.precision = self.precision_choice.effective  # what runs
         self.image_size = _as_size(image_size)
         min_side = 2 * backbone.patch_size  # the blur's reflect border needs > 16 px after the crop
         if min(self.image_size) < min_side:
@@ -179,10 +155,19 @@ class AnomalyDinoDetector(Detector):
     def prompt_digest(self, object_name: str | None = None, product: ProductRecipe | None = None) -> str:
         return PROMPT_DIGEST
 
+    def _precision_details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "precision": self.precision,
+            "precision_requested": self.precision_choice.requested,
+        }
+        if self.precision_choice.fallback:
+            out["precision_fallback"] = self.precision_choice.fallback
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "precision": self.precision,
+            **self._precision_details(),
             "image_size": list(self.image_size),
             "num_neighbours": self.num_neighbours,
             "masking": self.masking,
@@ -302,7 +287,7 @@ class AnomalyDinoDetector(Detector):
         # "encode" includes preprocessing and masking; "score" the nearest-neighbour search and maps
         timings = {"bank": t_bank, "encode": t_encode, "score": t_score, "resize": t2 - t1}
         details_common = {
-            "precision": self.precision,
+            **self._precision_details(),
             "image_size": list(self.image_size),
             "num_neighbours": self.num_neighbours,
             "masking": self.masking,
@@ -334,6 +319,4 @@ __all__ = [
     "BANK",
     "DEFAULT_IMAGE_SIZE",
     "AnomalyDinoDetector",
-    "cpu_supports_bf16",
-    "resolve_precision",
 ]

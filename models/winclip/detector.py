@@ -21,7 +21,7 @@ from models.base import (
     image_hash,
 )
 from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
-from models.cpu import cpu_capabilities, resolve_precision
+from models.cpu import checked_precision, cpu_capabilities
 from models.winclip.encoder import EncodedImages, PackedTower, TowerFn, VisualTower, WinClipEncoder
 from models.winclip.maths import (
     TEMPERATURE,
@@ -77,10 +77,6 @@ class WinClipDetector(Detector):
         tower: TowerFn | None = None,
         tower_label: str = "torch",
     ) -> None:
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-        if precision == "fp16" and not str(device).startswith("cuda"):
-            raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
         self.backbone = backbone
         self.clip: Any = backbone.model
         self.model_name = backbone.model_name
@@ -91,7 +87,7 @@ class WinClipDetector(Detector):
         on_cpu = not self.device.startswith("cuda")
         #: ISA level the CPU paths were chosen for (``None`` on CUDA)
         self.cpu_isa = cpu_capabilities().isa if on_cpu else None
-        self.precision_choice = resolve_precision(precision, self.device, method=self.method)
+        self.precision_choice = checked_precision(precision, self.device, method=self.method)
         self.precision = self.precision_choice.effective  # what runs
         self.cache: ArrayCache = cache if cache is not None else LocalArrayCache()
         self.tokenizer = open_clip.get_tokenizer(backbone.model_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from models import (
     load_tiny_detector,
     method_spec,
 )
-from models.anomalydino import detector as detector_module
 from models.anomalydino.detector import AnomalyDinoDetector
 from models.anomalydino.torch_model import (
     CropBox,
@@ -306,16 +306,26 @@ def test_options_are_validated() -> None:
         load_tiny_detector("anomalydino", precision="fp16")
 
 
-def test_bf16_falls_back_to_fp32_with_a_warning_where_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(detector_module, "cpu_supports_bf16", lambda: False)
-    with pytest.warns(RuntimeWarning, match="bfloat16"):
+def test_bf16_falls_back_to_fp32_with_a_warning_where_unsupported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from models import cpu
+
+    monkeypatch.setenv(cpu.ENV_MAX_ISA, "avx2")  # behave as on an AVX2-only CPU
+    monkeypatch.setattr(cpu, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="models.cpu"):
         det = load_tiny_detector("anomalydino", precision="bf16")
+        load_tiny_detector("anomalydino", precision="bf16")
     assert det.precision == "fp32" and det.model.dtype == torch.float32
+    assert "running fp32" in det.describe()["precision_fallback"]
+    assert sum("anomalydino: bf16" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_bf16_is_close_to_fp32_where_supported() -> None:
-    if not detector_module.cpu_supports_bf16():
-        pytest.skip("no native bf16 on this CPU")
+    from models.cpu import cpu_capabilities
+
+    if not cpu_capabilities().fast_bf16:
+        pytest.skip("no native bf16 on this CPU (the fallback is tested above)")
     fp32 = load_tiny_detector("anomalydino", image_size=56)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
