@@ -477,3 +477,27 @@ def test_cli_calibrate_posts_to_the_service(app_client, tmp_path, monkeypatch, c
         )
         err = capsys.readouterr().err
         assert code == 1 and "too_few_images" in err and "99" in err
+
+
+def test_a_method_without_golden_images_scores_them_as_it_inspects(app_client):
+    """Given golden images uploaded for WinCLIP+, when the product is calibrated for a zero-shot method
+    (AnomalyCLIP), then the kept golden images are scored as that method inspects (no references,
+    nothing to leave out), and an answer from another method warns that the threshold is not its own."""
+    golden = goldens(9, seed=800)
+    carpet = builtin_products()["carpet"]
+    with app_client(methods=("winclip", "anomalyclip")) as (client, services):
+        upload(client, golden, product="carpet", method="winclip")
+        r = client.post(
+            "/products/carpet/calibrate", json={"target_false_reject_rate": 0.1, "method": "anomalyclip"}
+        )
+        assert r.status_code == 200, r.json()
+        out = r.json()
+        assert out["sources"]["golden"] == 9 and out["sources"]["golden_leave_one_out"] == 0
+        det = services.methods["anomalyclip"].detector
+        scores = [res.score for res in det.predict_batch(golden, product=carpet)]
+        assert out["threshold"] == pytest.approx(calibrate_threshold(scores, 0.1).threshold, abs=1e-6)
+        part = png_bytes(random_image(5))
+        assert inspect(client, part, product="carpet", method="anomalyclip").json()["warnings"] == []
+        other = inspect(client, part, product="carpet", method="winclip")
+        assert other.json()["threshold_source"] == "calibrated" and "method" in other.json()["warnings"][0]
+        assert other.headers["x-calibration-stale"].startswith("method,model")
