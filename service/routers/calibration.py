@@ -18,7 +18,7 @@ from service.schemas import UNAUTHORIZED, CalibrateIn, CalibrationOut, error_res
 router = APIRouter(prefix="/products", tags=["calibration"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED)
 
 ProductId = Annotated[str, Path(description="Product id.", examples=["bottle"])]
-_CONFIG = {"$ref": "#/components/schemas/CalibrateIn"}
+_CONFIG = CalibrateIn.model_json_schema()  # inline: no route takes it as a typed body
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 _BODY: dict[str, Any] = {
     "requestBody": {

@@ -501,3 +501,20 @@ def test_a_method_without_golden_images_scores_them_as_it_inspects(app_client):
         other = inspect(client, part, product="carpet", method="winclip")
         assert other.json()["threshold_source"] == "calibrated" and "method" in other.json()["warnings"][0]
         assert other.headers["x-calibration-stale"].startswith("method,model")
+
+
+def test_openapi_describes_both_request_bodies(tmp_path):
+    from service.app import create_app
+    from tests.service.conftest import make_settings
+
+    doc = create_app(make_settings(tmp_path)).openapi()
+    op = doc["paths"]["/products/{product_id}/calibrate"]["post"]
+    content = op["requestBody"]["content"]
+    options = content["application/json"]["schema"]["properties"]
+    assert {"target_false_reject_rate", "confidence", "method", "use_golden", "include_reviewed"} <= set(
+        options
+    )
+    assert set(content["multipart/form-data"]["schema"]["properties"]) == {"config", "good", "defect"}
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CalibrationOut")
+    inspect_params = {p["name"] for p in doc["paths"]["/inspect"]["post"]["parameters"]}
+    assert "sensitivity" in inspect_params
