@@ -91,7 +91,7 @@ class ProductStore:
         return [out[k] for k in sorted(out)]
 
     def put(
-        self, product_id: str, body: dict[str, Any], *, threshold_given: bool = True
+        self, product_id: str, body: dict[str, Any], *, threshold_given: bool | None = None
     ) -> tuple[ProductRecipe, Source, bool]:
         """Create or replace; returns the recipe, its source and whether it was new.
 
@@ -100,7 +100,10 @@ class ProductStore:
         False) or gives exactly the calibrated value, the calibration and its threshold are
         kept (answers then warn if the new words make it stale). Any other threshold is a
         hand-set one and clears the calibration. ``calibration`` itself cannot be PUT.
+        ``threshold_given`` None: whether ``body`` holds a ``threshold``.
         """
+        if threshold_given is None:
+            threshold_given = body.get("threshold") is not None
         self.check_id(product_id)
         if "id" in body and body["id"] != product_id:
             raise ApiError(422, "invalid_product", f"body id {body['id']!r} differs from the path id")
