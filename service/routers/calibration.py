@@ -62,7 +62,7 @@ def _config(raw: bytes | str) -> CalibrateIn:
 def _files(form: FormData) -> tuple[list[SentImage], list[SentImage]]:
     sent: dict[str, list[SentImage]] = {"good": [], "defect": []}
     for name, value in form.multi_items():
-        if not isinstance(value, UploadFile):
+        if not isinstance(value, UploadFile) or name == "config":
             continue
         if name not in sent:
             raise ApiError(
@@ -115,10 +115,9 @@ async def calibrate(product_id: ProductId, request: Request, services: ServicesD
     if ctype == "multipart/form-data":
         form = await request.form(max_files=settings.max_calibration_images, max_fields=16)
         try:
-            raw = form.get("config")
-            if raw is not None and not isinstance(raw, str):
-                raise ApiError(422, "invalid_parameters", "field 'config' must be a JSON string, not a file")
-            config = _config(raw or "{}")
+            raw = form.get("config")  # a JSON string, or a JSON file (curl -F config=@options.json)
+            text = await raw.read() if isinstance(raw, UploadFile) else raw
+            config = _config(text or "{}")
             good, defect = _files(form)
             return await flow.run(product_id, config, good, defect)
         finally:

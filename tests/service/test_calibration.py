@@ -292,6 +292,11 @@ def test_extra_good_and_defect_images_in_a_multipart_request(app_client):
         assert r.status_code == 422
         r = client.post("/products/cable/calibrate", files=files, data={"config": "{bad"})
         assert r.status_code == 422
+        as_file = [
+            ("config", ("options.json", json.dumps({"target_false_reject_rate": 0.5}), "application/json"))
+        ]
+        r = client.post("/products/cable/calibrate", files=as_file + files[:2])
+        assert r.status_code == 200 and r.json()["calibration"]["target_false_reject_rate"] == 0.5
 
 
 def test_reviewed_records_stored_scores_or_kept_images(app_client):
