@@ -39,6 +39,13 @@ product to few-shot. Errors are always `{"error": {"code", "message", ...}}`.
 """
 
 
+def method_options(method: str, settings: Settings) -> dict[str, Any]:
+    """The service's options of one method (real models only; demo mode keeps the tiny config)."""
+    if method == "anomalydino":
+        return {"image_size": settings.anomalydino_image_size}
+    return {}
+
+
 def default_detector_factory(method: str, *, settings: Settings, device: str, cache: ArrayCache) -> Detector:
     """Demo: the tiny random-init model; otherwise the real one from ``settings.weights_dir``."""
     import models
@@ -52,6 +59,7 @@ def default_detector_factory(method: str, *, settings: Settings, device: str, ca
         cache=cache,
         precision=settings.precision,
         tower_backend=settings.backend,
+        **method_options(method, settings),
     )
 
 

@@ -5,6 +5,12 @@ Per product, a small JSON index lists one reference set per model key
 :class:`models.base.ReferenceSet` blob. The blob key is a content hash of model key,
 product id and the ordered image hashes, so a second process (or a repeated upload)
 finds the features already stored and encodes nothing.
+
+The model key is the detector's: it names what shapes the features (AnomalyDINO adds its
+input size, a tiled product's detector its tiling, ``.../tile518-overlap64``), so a set
+made under another configuration is never used; the product's golden images must then be
+uploaded again (``POST /products/{id}/references`` encodes them for every loaded method
+that uses golden images, docs/service.md).
 """
 
 from __future__ import annotations
@@ -92,6 +98,10 @@ class ReferenceStore:
 
     def has_blob(self, key: str) -> bool:
         return self.store.get(key) is not None
+
+    def methods_with_sets(self, product_id: str) -> set[str]:
+        """The methods the product has a reference set for (under any model key)."""
+        return {str(e.get("method", "")) for e in self.index(product_id).values()}
 
     def save(self, product_id: str, detector: Detector, refs: ReferenceSet) -> str:
         key = self.blob_key(refs.model_key, product_id, refs.image_hashes)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from prompts import MAX_DATASET_CHARS, MAX_EXTRA_STATES, MAX_OBJECT_NAME_CHARS, MAX_STATE_CHARS
+from prompts import MAX_DATASET_CHARS, MAX_EXTRA_STATES, MAX_OBJECT_NAME_CHARS, MAX_STATE_CHARS, TilingSpec
 from prompts.saa import MAX_DEFECT_PROMPTS
 
 DEMO_WARNING = "DEMO mode: tiny random-init models; scores are NOT real inspection results"
@@ -127,7 +127,10 @@ class InspectResponse(Tagged):
     batch_size: int = Field(description="Images in the forward batch this request rode in.")
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: decode, references, queue_wait, inference (the whole "
-        "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total."
+        "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total. "
+        "A tiled product adds model_split, model_tile_batch_<i> (one per batch of tiles), "
+        "model_tiles.<stage> (summed over the tile batches) and model_stitch; details.tiling counts "
+        "the tiles and batches."
     )
     details: dict[str, Any] = Field(default_factory=dict, description="Method-specific extras.")
     inspection_id: str = Field(
@@ -171,7 +174,17 @@ class ProductIn(BaseModel):
     threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
     )
-    default_method: str = Field(default="winclip", description="Method used when /inspect names none.")
+    default_method: str | None = Field(
+        default=None,
+        description="Method used when /inspect names none; null/absent = automatic: anomalydino when "
+        "the service loads it and the product has golden images for it, else winclip.",
+        examples=["winclip"],
+    )
+    tiling: TilingSpec | None = Field(
+        default=None,
+        description='High-resolution tiling, e.g. {"tile": 518, "overlap": 64} (input pixels; tile '
+        ">= 32, overlap < tile / 2; at most ZSI_MAX_TILES tiles per image); null/absent = off.",
+    )
     dataset: str | None = Field(
         default=None, max_length=MAX_DATASET_CHARS, description="Free-form origin label."
     )
@@ -194,7 +207,8 @@ class ProductInfo(BaseModel):
     extra_normal_states: list[str]
     extra_anomalous_states: list[str]
     threshold: float
-    default_method: str
+    default_method: str | None = Field(description="null = automatic (anomalydino with golden images).")
+    tiling: TilingSpec | None = None
     saa: dict[str, Any] | None = None
     keep_images: bool = False
     source: Literal["builtin", "custom", "override"] = Field(
@@ -228,14 +242,30 @@ class ReferencesOut(Tagged):
     sets: list[ReferenceSetOut]
 
 
-class ReferencesCreated(Tagged):
-    product: str
+class ReferenceSetCreated(BaseModel):
+    """One method's set made (or found) by a golden upload."""
+
     method: str
-    model_key: str
+    model_key: str = Field(description="What encoded the features (method/model/weights[/size][/tiling]).")
     count: int
     image_hashes: list[str]
     computed: bool = Field(description="False when identical features were already stored (no model work).")
     seconds: float
+
+
+class ReferencesCreated(Tagged):
+    product: str
+    method: str = Field(description="The first set's method (the product's default, else anomalydino).")
+    model_key: str
+    count: int
+    image_hashes: list[str]
+    computed: bool = Field(
+        description="False when identical features were already stored for every method (no model work)."
+    )
+    seconds: float
+    sets: list[ReferenceSetCreated] = Field(
+        default_factory=list, description="One set per method the images were encoded for."
+    )
 
 
 class ReferencesDeleted(Tagged):
