@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -186,7 +186,7 @@ def test_bank_shared_by_two_apps_on_one_redis(app_client, redis_url, key_prefix)
             raw = r.get(entry["key"])
         finally:
             r.close()
-        assert raw is not None and not raw.startswith(b"\x80")  # not a pickle stream
+        assert isinstance(raw, bytes) and not raw.startswith(b"\x80")  # not a pickle stream
         stored = ReferenceSet.from_bytes(raw)
         assert stored.model_key == dino_a.model_key
         np.testing.assert_array_equal(stored.arrays["bank"], dino_a.encode_references(golden).arrays["bank"])
@@ -213,6 +213,6 @@ def test_default_factory_passes_the_anomalydino_image_size(tmp_path, monkeypatch
     settings = make_settings(tmp_path, anomalydino_image_size=672)
     for method in BOTH:
         with pytest.raises(models.WeightsError):
-            default_detector_factory(method, settings=settings, device="cpu", cache=None)
+            default_detector_factory(method, settings=settings, device="cpu", cache=cast(Any, None))
     assert seen["anomalydino"]["image_size"] == 672 and "image_size" not in seen["winclip"]
     assert Settings(_env_file=None).anomalydino_image_size == 448  # type: ignore[call-arg]
