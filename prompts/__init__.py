@@ -5,8 +5,8 @@ reads and validates them. Nothing here imports torch.
 
 - ``winclip.json``: state words and templates of the compositional prompt ensemble.
 - ``products/<dataset>/<id>.json``: one product recipe per file (object name,
-  optional extra state words, decision threshold, default method, and optional
-  per-method sections such as ``saa``).
+  optional extra state words, decision threshold, default method, optional
+  high-resolution ``tiling``, and optional per-method sections such as ``saa``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROMPTS_DIR = Path(__file__).resolve().parent
 PRODUCTS_DIR = PROMPTS_DIR / "products"
@@ -36,6 +36,10 @@ MAX_EXTRA_STATES = 32
 MAX_STATE_CHARS = 120
 MAX_OBJECT_NAME_CHARS = 80
 MAX_DATASET_CHARS = 80
+#: Bounds of a product's tiling (input pixels). Below 32 px no method sees a useful patch;
+#: the upper bound only keeps a typo (a tile of 10^9) from reading as "no tiling".
+MIN_TILE = 32
+MAX_TILE = 16384
 
 
 class PromptFileError(ValueError):
@@ -92,6 +96,40 @@ class ThresholdCalibration(BaseModel):
     calibrated_at: str = Field(description="ISO 8601, UTC.")
 
 
+class TilingSpec(BaseModel):
+    """High-resolution tiling of a product's images (``tiling``), in pixels of the input image.
+
+    Each image is cut into ``tile x tile`` tiles sharing at least ``overlap`` pixels; every
+    tile is inspected as an image of its own, the maps are blended back at the input
+    resolution and the image score is the highest tile score (``models.tiling``). The
+    product's golden images are tiled the same way. ``overlap`` stays below half a tile, so
+    a pixel is covered by at most two tiles per axis.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tile: int = Field(
+        ge=MIN_TILE,
+        le=MAX_TILE,
+        description=f"Tile side in input pixels ({MIN_TILE}-{MAX_TILE}); for AnomalyDINO about its "
+        "image_size (448), for WinCLIP 240-518. A tile at least as large as the image = no tiling.",
+        examples=[518],
+    )
+    overlap: int = Field(
+        default=0,
+        ge=0,
+        description="Pixels shared by neighbouring tiles (0 <= overlap < tile / 2); the maps cross-fade "
+        "linearly over it.",
+        examples=[64],
+    )
+
+    @model_validator(mode="after")
+    def _overlap_below_half(self) -> TilingSpec:
+        if 2 * self.overlap >= self.tile:
+            raise ValueError(f"tiling overlap ({self.overlap}) must be less than half the tile ({self.tile})")
+        return self
+
+
 class ProductRecipe(BaseModel):
     """A product: what the camera sees and how to judge it.
 
@@ -129,7 +167,16 @@ class ProductRecipe(BaseModel):
     threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
     )
-    default_method: str = Field(default="winclip", description="Method used when a request names none.")
+    default_method: str | None = Field(
+        default=None,
+        description="Method used when a request names none; null = automatic: anomalydino when the "
+        "service loads it and the product has golden images for it, else winclip (docs/service.md).",
+    )
+    tiling: TilingSpec | None = Field(
+        default=None,
+        description='High-resolution tiling of every image, e.g. {"tile": 518, "overlap": 64}; '
+        "null = off (the method sees the whole image at its input size).",
+    )
     saa: dict[str, Any] | None = Field(
         default=None, description="SAA+ prompts for this product (see METHODS.md section 3)."
     )
@@ -153,8 +200,8 @@ class ProductRecipe(BaseModel):
 
     @field_validator("default_method")
     @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
+    def _known_method(cls, value: str | None) -> str | None:
+        if value is not None and value not in METHODS:
             raise ValueError(f"default_method must be one of {', '.join(METHODS)}")
         return value
 
@@ -300,13 +347,16 @@ __all__ = [
     "MAX_EXTRA_STATES",
     "MAX_OBJECT_NAME_CHARS",
     "MAX_STATE_CHARS",
+    "MAX_TILE",
     "METHODS",
+    "MIN_TILE",
     "PRODUCTS_DIR",
     "PROMPTS_DIR",
     "ProductRecipe",
     "PromptEnsemble",
     "PromptFileError",
     "ThresholdCalibration",
+    "TilingSpec",
     "builtin_products",
     "ensemble_for",
     "get_builtin_product",

@@ -40,6 +40,13 @@ product to few-shot, and set its threshold from good images at a target false-re
 """
 
 
+def method_options(method: str, settings: Settings) -> dict[str, Any]:
+    """The service's options of one method (real models only; demo mode keeps the tiny config)."""
+    if method == "anomalydino":
+        return {"image_size": settings.anomalydino_image_size}
+    return {}
+
+
 def default_detector_factory(method: str, *, settings: Settings, device: str, cache: ArrayCache) -> Detector:
     """Demo: the tiny random-init model; otherwise the real one from ``settings.weights_dir``."""
     import models
@@ -53,6 +60,7 @@ def default_detector_factory(method: str, *, settings: Settings, device: str, ca
         cache=cache,
         precision=settings.precision,
         tower_backend=settings.backend,
+        **method_options(method, settings),
     )
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from models.base import ReferenceSet, image_hash
+from models.base import Detector, ReferenceSet, image_hash
 from models.calibration import Calibration, CalibrationError, calibrate_threshold
 from prompts import ProductRecipe, ThresholdCalibration
 from service.deps import LoadedMethod, Services
@@ -69,6 +69,7 @@ class _Setup:
     """What the product's parts are scored with right now (one calibration request)."""
 
     loaded: LoadedMethod
+    detector: Detector  # the method's detector for this product (tiled when the recipe is)
     recipe: ProductRecipe
     references: ReferenceSet | None
     reference_key: str | None  # content hash of the golden set, as in the records
@@ -128,14 +129,16 @@ class CalibrationFlow:
         t0 = time.perf_counter()
         recipe, _ = await run_in_threadpool(services.products.get, product_id)
         previous_source = threshold_source(recipe)
-        loaded = services.loaded_method(config.method or recipe.default_method)
-        det = loaded.detector
+        method = config.method or await services.inspection.default_method(recipe)
+        loaded = services.loaded_method(method)
+        det = services.inspection.detector_for(loaded, recipe)  # tiled like the product's inspections
         await run_in_threadpool(services.references.check_writable)  # 503 before any model work
         references, ref_key = None, None
         if det.supports_references:
             references, ref_key = await run_in_threadpool(services.references.lookup, product_id, det)
         setup = _Setup(
             loaded=loaded,
+            detector=det,
             recipe=recipe,
             references=references,
             reference_key=ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None,
@@ -310,7 +313,7 @@ class CalibrationFlow:
     # -------------------------------------------------------------- scoring
     async def _predict(self, setup: _Setup, images: list[np.ndarray]) -> list[float]:
         """Score images as /inspect scores a part, on the model worker, a chunk at a time."""
-        det, chunk = setup.loaded.detector, self.services.settings.max_batch
+        det, chunk = setup.detector, self.services.settings.max_batch
         scores: list[float] = []
         for i in range(0, len(images), chunk):
             results = await setup.loaded.queue.run_exclusive(
@@ -331,7 +334,7 @@ class CalibrationFlow:
         ]
         distinct = {image_hash(img) for img in images}
         setup.seen.update(distinct)
-        det = setup.loaded.detector
+        det = setup.detector
         if setup.references is None:
             # the method inspects this product without golden images: score them as it would
             scores = await self._predict(setup, images)
@@ -369,7 +372,7 @@ class CalibrationFlow:
 
     def _same_setup(self, setup: _Setup, rec: LabelledRecord) -> bool:
         """Whether a record's stored score is what the current setup would answer for its image."""
-        det = setup.loaded.detector
+        det = setup.detector
         return (
             rec.score is not None
             and rec.method == det.method

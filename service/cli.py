@@ -103,7 +103,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    method = args.method or (product.default_method if product else "winclip")
+    method = args.method or (product.default_method if product else None) or "winclip"
     threshold = args.threshold if args.threshold is not None else (product.threshold if product else 0.5)
     try:
         if args.demo:

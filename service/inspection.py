@@ -3,13 +3,19 @@
 The router parses the HTTP request (query, upload) and turns an :class:`Inspection`
 into an HTTP answer; this module does the rest, in order:
 
-1. resolve the product recipe and the method (404 / 422 / 503 as :class:`ApiError`);
+1. resolve the product recipe and the method (404 / 422 / 503 as :class:`ApiError`): the
+   request's ``method``, else the recipe's ``default_method``, else the automatic choice
+   (:meth:`InspectionFlow.default_method`: ``anomalydino`` for a product with golden images
+   for it, when loaded; else ``winclip``); a product with ``tiling`` uses the method's tiled
+   detector (:mod:`service.tiling`);
 2. decide the threshold: the product's (calibrated or hand-set), else the generic one, moved
    by the request's ``sensitivity`` (:func:`models.calibration.effective_threshold`);
-3. look up the product's reference set (golden images) for the method;
+3. look up the product's reference set (golden images) for the method; a method that
+   cannot work without one (AnomalyDINO) is refused with 409 ``references_required``;
 4. look up the per-image result cache (:mod:`service.result_cache`, keyed by the sha256
    of the upload): a hit skips 5 (unless a PNG overlay is asked for) and 6;
-5. decode the image off the event loop;
+5. decode the image off the event loop; a tiled product's image needing more than
+   ZSI_MAX_TILES tiles is refused (413 ``too_many_tiles``);
 6. encode the product's prompts if not done yet, on a text thread, NOT on the model's
    batch worker (:mod:`service.text_work`), so one product's prompts never stall others;
 7. queue the image for the method's batching worker (503 full, 504 deadline);
@@ -37,7 +43,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from models.base import AnomalyResult, ReferenceSet, image_hash
+from models.base import AnomalyResult, Detector, ReferenceSet, ReferencesRequiredError, image_hash
 from models.calibration import DEFAULT_SENSITIVITY, effective_threshold, normalize_score
 from models.postprocess import anomaly_map_png, boxes_above, overlay_png
 from prompts import ProductRecipe
@@ -50,10 +56,16 @@ from service.records.draft import RecordDraft, recipe_digest
 from service.result_cache import CachedResult, encode_entry
 from service.schemas import DEMO_WARNING
 from service.text_work import TextTimeout, TextWork
+from service.tiling import check_tiles, tiling_config
 
 log = logging.getLogger("service.inspection")
 
 GENERIC_THRESHOLD = 0.5
+#: The method of a request that names none, for a recipe that names none (or no product).
+DEFAULT_METHOD = "winclip"
+#: The automatic default of a product with golden images for it (docs/anomalydino.md: better
+#: published few-shot accuracy than WinCLIP+ at about a tenth of its time per image at 448 px).
+FEW_SHOT_METHOD = "anomalydino"
 DEMO_LABEL = "DEMO: random-init model, not a real result"
 Output = Literal["json", "png"]
 T = TypeVar("T")
@@ -213,8 +225,32 @@ class InspectionFlow:
         recipe: ProductRecipe | None = None
         if params.product is not None:
             recipe, _ = await run_in_threadpool(self.services.products.get, params.product)
-        method_name = params.method or (recipe.default_method if recipe is not None else "winclip")
+        method_name = params.method or await self.default_method(recipe)
         return recipe, self.services.loaded_method(method_name)
+
+    async def default_method(self, recipe: ProductRecipe | None) -> str:
+        """The method of a request that names none: the recipe's ``default_method``, else automatic.
+
+        Automatic (a recipe with ``default_method: null``): ``anomalydino`` when ZSI_METHODS
+        lists it and the product has golden images encoded for it (every golden upload
+        encodes for every loaded method that uses them), else ``winclip`` (WinCLIP+ with
+        golden images, zero-shot without). A product whose anomalydino bank no longer fits
+        (tiling, image size or weights changed) stays on anomalydino and is told to upload
+        its golden images again, and one whose anomalydino is still loading (or failed) gets
+        that 503: the answering method never switches silently.
+        """
+        if recipe is None:
+            return DEFAULT_METHOD
+        if recipe.default_method is not None:
+            return recipe.default_method
+        if FEW_SHOT_METHOD not in self.services.settings.methods:
+            return DEFAULT_METHOD
+        has = await run_in_threadpool(self.services.references.methods_with_sets, recipe.id)
+        return FEW_SHOT_METHOD if FEW_SHOT_METHOD in has else DEFAULT_METHOD
+
+    def detector_for(self, loaded: LoadedMethod, recipe: ProductRecipe | None) -> Detector:
+        """The method's detector for this product: tiled when the recipe has ``tiling``."""
+        return loaded.queue.detector_for(tiling_config(recipe, self.services.settings))
 
     @staticmethod
     def threshold_for(recipe: ProductRecipe | None) -> float:
@@ -301,7 +337,7 @@ class InspectionFlow:
         settings = services.settings
         clock = _Clock()
         recipe, loaded = await self.resolve(params)
-        det = loaded.detector
+        det = self.detector_for(loaded, recipe)
         rule = Decision.of(recipe, params.sensitivity)
         threshold = rule.threshold
         demo = det.random_weights or services.demo
@@ -327,6 +363,8 @@ class InspectionFlow:
             services.metrics.cache_lookup("references", references is not None)
         draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
         draft.reference_count = references.count if references is not None else 0
+        if references is None and _requires_references(det):
+            raise await self._references_required(loaded.method, det, recipe)
         clock.lap("references")
 
         cache_key, hit = await run_in_threadpool(self._cache_lookup, det, data, recipe, ref_key, draft)
@@ -340,6 +378,13 @@ class InspectionFlow:
                 decode_image, data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
             )
             clock.lap("decode")
+        if recipe is not None and recipe.tiling is not None:  # 413 past ZSI_MAX_TILES (a cache hit too)
+            if image is not None:
+                height, width = int(image.shape[0]), int(image.shape[1])
+            else:
+                assert hit is not None
+                height, width = hit.image_height, hit.image_width
+            check_tiles(height, width, tiling_config(recipe, settings), settings.max_tiles)
         kept_bytes = data if recipe is not None and recipe.keep_images else None
         del data
 
@@ -470,6 +515,41 @@ class InspectionFlow:
         except TextTimeout as exc:
             raise ApiError(504, "timeout", str(exc), timeout_s=timeout_s) from None
 
+    async def _references_required(
+        self, method: str, det: Detector, recipe: ProductRecipe | None
+    ) -> ApiError:
+        """409 ``references_required``: what to upload, and where (the request is not queued)."""
+        if recipe is None:
+            return ApiError(
+                409,
+                "references_required",
+                f"method {method!r} compares each image with golden (normal) images of a product: name "
+                "the product (?product=ID) and upload its golden images first with "
+                "POST /products/ID/references (multipart, field 'images')",
+                method=method,
+            )
+        upload = f"POST /products/{recipe.id}/references"
+        index = await run_in_threadpool(self.services.references.index, recipe.id)
+        if det.model_key in index:
+            message = (
+                f"the stored golden-image features of product {recipe.id!r} for {method} are gone "
+                f"(expired or unreadable): upload the golden images again with {upload} "
+                "(multipart, field 'images')"
+            )
+        elif any(e.get("method") == method for e in index.values()):
+            message = (
+                f"the golden images of product {recipe.id!r} were encoded for another {method} "
+                f"configuration (tiling, input size or weights changed; this one is {det.model_key}): "
+                f"upload them again with {upload} (multipart, field 'images')"
+            )
+        else:
+            message = (
+                f"method {method!r} compares each image with golden (normal) images, and product "
+                f"{recipe.id!r} has none for it: upload a few defect-free images with {upload} "
+                "(multipart, field 'images'), then inspect again"
+            )
+        return ApiError(409, "references_required", message, product=recipe.id, method=method, upload=upload)
+
     async def _submit(
         self,
         loaded: LoadedMethod,
@@ -487,7 +567,10 @@ class InspectionFlow:
                 product=recipe,
                 references=references,
                 timeout_s=max(timeout_s, 0.001),
+                tiling=tiling_config(recipe, settings),
             )
+        except ReferencesRequiredError as exc:  # the detector's own check (the flow checks first)
+            raise ApiError(409, "references_required", str(exc), method=loaded.method) from None
         except QueueFull as exc:
             raise ApiError(
                 503,
@@ -659,6 +742,11 @@ class InspectionFlow:
                 stage.labels(method=ins.method, stage=name).observe(ins.timings[name])
 
 
+def _requires_references(det: Detector) -> bool:
+    """True for a method that cannot answer without golden images (``describe()`` says so)."""
+    return bool(det.describe().get("requires_references", False))
+
+
 def _image_format(data: bytes) -> str | None:
     """PNG / JPEG / BMP / TIFF from the header (the bytes decoded already, so this cannot fail badly)."""
     from PIL import Image
@@ -671,7 +759,9 @@ def _image_format(data: bytes) -> str | None:
 
 
 __all__ = [
+    "DEFAULT_METHOD",
     "DEMO_LABEL",
+    "FEW_SHOT_METHOD",
     "GENERIC_THRESHOLD",
     "Decision",
     "InspectParams",

@@ -6,6 +6,11 @@ set) are gathered into one batch of at most ``max_batch`` images, waiting at mos
 method's single worker thread (one model copy per process, never on the event
 loop), and answered one by one through asyncio futures.
 
+A product with high-resolution ``tiling`` runs through the tiled wrapper of the
+detector (:meth:`InferenceQueue.detector_for`): its batches hold one recipe, hence one
+tiling, and all tiles of the batch's images go through the model in batches of
+``tiling.batch`` tiles (:mod:`models.tiling`).
+
 Full queue -> :class:`QueueFull` (the service answers 503 + Retry-After).
 A request still waiting at its deadline -> :class:`QueueTimeout` (504), whether its own
 timer or the worker notices first; a request whose caller is cancelled (client gone)
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from models.base import AnomalyResult, Detector, ReferenceSet
+from models.tiling import TiledDetector, TilingConfig
 
 if TYPE_CHECKING:
     from prompts import ProductRecipe
@@ -66,6 +72,7 @@ class _Job:
     enqueued: float
     deadline: float
     info: dict[str, float] = field(default_factory=dict)
+    tiling: TilingConfig | None = None
 
 
 @dataclass
@@ -108,6 +115,22 @@ class InferenceQueue:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.method}")
         self._batch_seconds = 0.05  # running estimate for Retry-After
         self._stats_lock = threading.Lock()
+        self._tiled: dict[TilingConfig, Detector] = {}  # one wrapper per tiling (keeps its counters)
+        self._tiled_lock = threading.Lock()
+
+    MAX_TILINGS = 256  # distinct tilings remembered (the wrappers are small; the model is shared)
+
+    def detector_for(self, tiling: TilingConfig | None) -> Detector:
+        """The detector, or its tiled wrapper for ``tiling`` (same model, same worker thread)."""
+        if tiling is None:
+            return self.detector
+        with self._tiled_lock:
+            det = self._tiled.get(tiling)
+            if det is None:
+                if len(self._tiled) >= self.MAX_TILINGS:
+                    self._tiled.pop(next(iter(self._tiled)))
+                det = self._tiled[tiling] = TiledDetector(self.detector, tiling)
+            return det
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -144,8 +167,12 @@ class InferenceQueue:
         product: ProductRecipe | None = None,
         references: ReferenceSet | None = None,
         timeout_s: float = 30.0,
+        tiling: TilingConfig | None = None,
     ) -> tuple[AnomalyResult, dict[str, float]]:
         """Queue one image; returns its result and ``{"queue_wait": s, "inference": s, "batch_size": n}``.
+
+        ``tiling``: run it through :meth:`detector_for` (``references`` must then be a set
+        encoded tiled the same way); requests of one ``key`` must share it.
 
         Raises:
             QueueFull: ``max_size`` requests are already waiting.
@@ -168,6 +195,7 @@ class InferenceQueue:
             future=loop.create_future(),
             enqueued=now,
             deadline=now + timeout_s,
+            tiling=tiling,
         )
         self._pending.append(job)
         self._set_depth()
@@ -248,7 +276,7 @@ class InferenceQueue:
                 results = await loop.run_in_executor(
                     self._executor,
                     functools.partial(
-                        self.detector.predict_batch,
+                        self.detector_for(head.tiling).predict_batch,
                         [j.image for j in batch],
                         product=head.product,
                         references=head.references,

@@ -14,6 +14,12 @@ deleted when no set of its product lists it any more (a replacing upload, a DELE
 the set or of the product). They cost their file size in Redis (or under
 ``ZSI_DATA_DIR``): 32 golden images of 2 MB each are 64 MB per product, next to about
 1.7 MB of WinCLIP+ features per image (docs/service.md).
+
+The model key is the detector's: it names what shapes the features (AnomalyDINO adds its
+input size, a tiled product's detector its tiling, ``.../tile518-overlap64``), so a set
+made under another configuration is never used; the product's golden images must then be
+uploaded again (``POST /products/{id}/references`` encodes them for every loaded method
+that uses golden images, docs/service.md).
 """
 
 from __future__ import annotations
@@ -103,6 +109,10 @@ class ReferenceStore:
 
     def has_blob(self, key: str) -> bool:
         return self.store.get(key) is not None
+
+    def methods_with_sets(self, product_id: str) -> set[str]:
+        """The methods the product has a reference set for (under any model key)."""
+        return {str(e.get("method", "")) for e in self.index(product_id).values()}
 
     def save(self, product_id: str, detector: Detector, refs: ReferenceSet) -> str:
         key = self.blob_key(refs.model_key, product_id, refs.image_hashes)

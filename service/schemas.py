@@ -12,6 +12,7 @@ from prompts import (
     MAX_OBJECT_NAME_CHARS,
     MAX_STATE_CHARS,
     ThresholdCalibration,
+    TilingSpec,
 )
 from prompts.saa import MAX_DEFECT_PROMPTS
 
@@ -179,7 +180,10 @@ class InspectResponse(Tagged):
     batch_size: int = Field(description="Images in the forward batch this request rode in.")
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: decode, references, queue_wait, inference (the whole "
-        "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total."
+        "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total. "
+        "A tiled product adds model_split, model_tile_batch_<i> (one per batch of tiles), "
+        "model_tiles.<stage> (summed over the tile batches) and model_stitch; details.tiling counts "
+        "the tiles and batches."
     )
     details: dict[str, Any] = Field(default_factory=dict, description="Method-specific extras.")
     inspection_id: str = Field(
@@ -227,7 +231,17 @@ class ProductIn(BaseModel):
         description="Score at or above which a part is anomalous. Omitted on a calibrated product: the "
         "calibrated threshold and its calibration are kept; another value clears the calibration.",
     )
-    default_method: str = Field(default="winclip", description="Method used when /inspect names none.")
+    default_method: str | None = Field(
+        default=None,
+        description="Method used when /inspect names none; null/absent = automatic: anomalydino when "
+        "the service loads it and the product has golden images for it, else winclip.",
+        examples=["winclip"],
+    )
+    tiling: TilingSpec | None = Field(
+        default=None,
+        description='High-resolution tiling, e.g. {"tile": 518, "overlap": 64} (input pixels; tile '
+        ">= 32, overlap < tile / 2; at most ZSI_MAX_TILES tiles per image); null/absent = off.",
+    )
     dataset: str | None = Field(
         default=None, max_length=MAX_DATASET_CHARS, description="Free-form origin label."
     )
@@ -250,7 +264,8 @@ class ProductInfo(BaseModel):
     extra_normal_states: list[str]
     extra_anomalous_states: list[str]
     threshold: float
-    default_method: str
+    default_method: str | None = Field(description="null = automatic (anomalydino with golden images).")
+    tiling: TilingSpec | None = None
     saa: dict[str, Any] | None = None
     keep_images: bool = False
     source: Literal["builtin", "custom", "override"] = Field(
@@ -297,10 +312,11 @@ class ReferencesOut(Tagged):
     sets: list[ReferenceSetOut]
 
 
-class ReferencesCreated(Tagged):
-    product: str
+class ReferenceSetCreated(BaseModel):
+    """One method's set made (or found) by a golden upload."""
+
     method: str
-    model_key: str
+    model_key: str = Field(description="What encoded the features (method/model/weights[/size][/tiling]).")
     count: int
     image_hashes: list[str]
     computed: bool = Field(description="False when identical features were already stored (no model work).")
@@ -385,6 +401,23 @@ class CalibrationOut(Tagged):
     recall: float | None = Field(description="Share of the labelled defect images at or above the threshold.")
     notes: list[str] = Field(default_factory=list, description="What was left out, and why.")
     seconds: float
+
+
+class ReferencesCreated(Tagged):
+    product: str
+    method: str = Field(description="The first set's method (the product's default, else anomalydino).")
+    model_key: str
+    count: int
+    image_hashes: list[str]
+    computed: bool = Field(
+        description="False when identical features were already stored for every method (no model work)."
+    )
+    seconds: float
+    added: int = Field(default=0, description="Images this upload added (append: the new ones only).")
+    images_kept: int = Field(default=0, description="Golden images whose uploaded bytes are kept.")
+    sets: list[ReferenceSetCreated] = Field(
+        default_factory=list, description="One set per method the images were encoded for."
+    )
 
 
 class ReferencesDeleted(Tagged):

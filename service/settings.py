@@ -70,6 +70,25 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
     backend: Literal["torch", "onnx"] = Field(default="torch", description="Visual tower backend.")
     max_regions: int = Field(default=100, ge=0, description="Most regions listed in an /inspect answer.")
+    # -- AnomalyDINO and high-resolution tiling (docs/anomalydino.md) --
+    anomalydino_image_size: int = Field(
+        default=448,
+        ge=28,
+        le=1344,
+        description="AnomalyDINO input size (the paper's 448; 252 = anomalib's default, faster, coarser; "
+        "672 finer, ~3x the time of 448). Changing it changes the banks' model key: golden images are "
+        "encoded again on their next upload. Demo mode keeps the tiny model's own size.",
+    )
+    max_tiles: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Most tiles per image of a tiled product (413 too_many_tiles beyond); a 2448x2048 "
+        'image is 30 tiles at {"tile": 518, "overlap": 64}, 42 at {"tile": 448, "overlap": 64}.',
+    )
+    tile_batch: int = Field(
+        default=8, ge=1, le=256, description="Tiles per model call of a tiled product (memory bound)."
+    )
     # -- inspection records (docs/records.md) --
     database_url: str | None = Field(
         default=None,
