@@ -44,6 +44,7 @@ from service.queue import QueueClosed, QueueFull, QueueTimeout, batch_key
 from service.records.draft import RecordDraft, recipe_digest
 from service.result_cache import CachedResult, encode_entry
 from service.schemas import DEMO_WARNING
+from service.stream import StreamRun, StreamService
 from service.text_work import TextTimeout, TextWork
 
 log = logging.getLogger("service.inspection")
@@ -89,6 +90,7 @@ class Inspection:
     record_id: str = ""
     cached: bool = False
     recorded: bool = True
+    stream: StreamRun | None = None
 
 
 class _Clock:
@@ -113,9 +115,11 @@ class InspectionFlow:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.text_work = TextWork()  # prompt encoding, off the models' batch workers
+        self.stream = StreamService(services)  # stream products' banks (service/stream.py)
 
     def close(self) -> None:
         self.text_work.close()
+        self.stream.close()
 
     # ------------------------------------------------------------ resolution
     async def resolve(self, params: InspectParams) -> tuple[ProductRecipe | None, LoadedMethod]:
@@ -124,6 +128,8 @@ class InspectionFlow:
         if params.product is not None:
             recipe, _ = await run_in_threadpool(self.services.products.get, params.product)
         method_name = params.method or (recipe.default_method if recipe is not None else "winclip")
+        if recipe is not None and self.stream.applies(recipe, method_name):
+            return recipe, self.stream.musc_for(recipe)  # 503 stream_unavailable without musc
         return recipe, self.services.loaded_method(method_name)
 
     @staticmethod
@@ -189,8 +195,15 @@ class InspectionFlow:
         settings = services.settings
         clock = _Clock()
         recipe, loaded = await self.resolve(params)
+        stream: StreamRun | None = None
+        if recipe is not None and self.stream.applies(recipe, loaded.method):
+            # a stream product: musc against the bank, or its fallback while the bank warms up
+            stream = await self.stream.start(recipe, loaded)
+            loaded = stream.answering
         det = loaded.detector
         threshold = self.threshold_for(recipe)
+        if stream is not None and stream.threshold is not None:
+            threshold = stream.threshold  # the fallback's own scale while warming up
         demo = det.random_weights or services.demo
         draft.method, draft.model, draft.weights, draft.demo = (
             loaded.method,
@@ -210,14 +223,21 @@ class InspectionFlow:
         clock.lap("read")
 
         references, ref_key = None, None
-        if recipe is not None and det.supports_references:
+        if recipe is not None and det.supports_references and (stream is None or stream.mode == "warming_up"):
             references, ref_key = await run_in_threadpool(services.references.lookup, recipe.id, det)
             services.metrics.cache_lookup("references", references is not None)
         draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
         draft.reference_count = references.count if references is not None else 0
+        if stream is None:
+            self.stream.check_plain_musc(loaded.method, recipe, references)  # 422: nothing to score against
+        elif stream.mode == "stream":
+            draft.reference_key, draft.reference_count = stream.reference_key, stream.size
         clock.lap("references")
 
-        cache_key, hit = await run_in_threadpool(self._cache_lookup, det, data, recipe, ref_key, draft)
+        # stream answers depend on the bank (and feed it): never from the result cache
+        cache_key, hit = await run_in_threadpool(
+            self._cache_lookup, det, data, recipe, ref_key, draft, stream is None
+        )
         if hit is not None and hit.image_width * hit.image_height > settings.max_image_pixels:
             hit = None  # the pixel limit was lowered since: decode (and refuse) as usual
         clock.lap("cache")
@@ -238,12 +258,26 @@ class InspectionFlow:
             assert image is not None
             timeout_s = settings.request_timeout_s - await self._prepare_text(loaded, recipe)
             clock.lap("prompts")
-            result, qinfo = await self._submit(loaded, image, recipe, references, ref_key, timeout_s)
+            if stream is not None:
+                result, qinfo = await self.stream.score(
+                    stream,
+                    image,
+                    timeout_s,
+                    lambda: self._submit(loaded, image, recipe, references, ref_key, timeout_s),
+                )
+            else:
+                result, qinfo = await self._submit(loaded, image, recipe, references, ref_key, timeout_s)
         clock.stages["queue_wait"] = qinfo["queue_wait"]
         clock.stages["inference"] = qinfo["inference"]
         clock.last = time.perf_counter()
 
         decision: Literal["anomalous", "normal"] = "anomalous" if result.score >= threshold else "normal"
+        if stream is not None:
+            await self.stream.finish(stream, result, decision, threshold)  # accepted parts join the bank
+            if stream.mode == "stream":
+                draft.reference_count = stream.scored_against
+            draft.stream_mode, draft.bank_size = stream.mode, stream.bank_size
+            clock.lap("stream")
         inspection = Inspection(
             params=params,
             recipe=recipe,
@@ -256,6 +290,7 @@ class InspectionFlow:
             demo=demo,
             record_id=draft.id,
             cached=hit is not None,
+            stream=stream,
         )
         if params.output == "png":
             assert image is not None
@@ -293,11 +328,12 @@ class InspectionFlow:
         recipe: ProductRecipe | None,
         ref_key: str | None,
         draft: RecordDraft,
+        use_cache: bool = True,
     ) -> tuple[str | None, CachedResult | None]:
         """Hash the upload (for the record and the key) and look the result up (worker thread)."""
         draft.image_sha256 = hashlib.sha256(data).hexdigest()
         cache = self.services.result_cache
-        if cache is None:
+        if cache is None or not use_cache:
             return None, None
         settings = self.services.settings
         key = cache.key(
@@ -465,6 +501,12 @@ class InspectionFlow:
             "inspection_id": ins.record_id,
             "cached": ins.cached,
         }
+        if ins.stream is not None:
+            body["warming_up"] = ins.stream.mode == "warming_up"
+            body["bank_size"] = ins.stream.bank_size
+            body["stream"] = ins.stream.info()
+            if ins.stream.mode == "stream":
+                body["reference_count"] = ins.stream.scored_against
         if ins.demo:
             body["demo"] = True
             body["warning"] = DEMO_WARNING
@@ -482,6 +524,7 @@ class InspectionFlow:
             "inference": t.get("inference", 0.0),
             **{f"model_{k}": float(v) for k, v in ins.result.timings.items()},
             "cache": t.get("cache", 0.0),
+            **({"stream": t["stream"]} if "stream" in t else {}),  # bank append + guard
             "render": t.get("render", 0.0),
             "record": t.get("record", 0.0),
             "total": t.get("total", 0.0),
@@ -499,6 +542,9 @@ class InspectionFlow:
             "X-Inspection-Id": ins.record_id,
             "X-Cache": "hit" if ins.cached else "miss",
         }
+        if ins.stream is not None:
+            headers["X-Stream-Mode"] = ins.stream.mode
+            headers["X-Bank-Size"] = str(ins.stream.bank_size)
         if not ins.recorded:
             headers["X-Record"] = "dropped"
         if ins.demo:

@@ -35,6 +35,8 @@ CODES = {
         "invalid_product_id",
         "invalid_cursor",
         "reviewer_required",
+        "stream_budget",
+        "musc_needs_references",
     },
     503: {
         "not_ready",
@@ -44,6 +46,8 @@ CODES = {
         "store_unavailable",
         "shutting_down",
         "records_unavailable",
+        "stream_unavailable",
+        "stream_fallback_unavailable",
     },
     504: {"timeout"},
 }
