@@ -8,7 +8,7 @@ the musc worker, concurrently with the fallback's inference, and the entries of 
 the fallback judged normal fill the bank. Defects never enter it.
 
 Storage (:class:`BankBackend`): one key per bank image (a
-:meth:`models.base.ReferenceSet.to_bytes` blob, ``bytes_per_image`` + ~300 header bytes; a
+:meth:`models.base.ReferenceSet.to_bytes` blob, ``bytes_per_image`` + ~400 header bytes; a
 Redis value holds at most 512 MiB, a CLIP ViT-L bank of 32 is 342 MiB) plus a small ordered
 index (id, image hash, time, bytes), all under the product and a digest of the MuSc model
 key (a bank is only valid for the features it was made with)::
