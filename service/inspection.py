@@ -200,6 +200,7 @@ class InspectionFlow:
             # a stream product: musc against the bank, or its fallback while the bank warms up
             stream = await self.stream.start(recipe, loaded)
             loaded = stream.answering
+            draft.stream_mode, draft.bank_size = stream.mode, stream.size  # a refusal records them too
         det = loaded.detector
         threshold = self.threshold_for(recipe)
         if stream is not None and stream.threshold is not None:
@@ -212,6 +213,8 @@ class InspectionFlow:
             demo,
         )
         draft.threshold, draft.threshold_source = threshold, self.threshold_source_for(recipe)
+        if stream is not None and stream.threshold is not None:
+            draft.threshold_source = "stream_fallback"
         provenance = getattr(recipe, "threshold_provenance", None)
         draft.threshold_provenance = provenance if isinstance(provenance, dict) else None
         if recipe is not None:

@@ -65,6 +65,8 @@ def test_warm_up_then_musc_defects_never_enter_the_bank(app_client):
         assert [a["bank_size"] for a in warm] == [1, 2, 3]
         assert [a["stream"]["appended"] for a in warm] == ["added"] * 3
         assert warm[0]["stream"]["fallback"] == "winclip" and warm[0]["stream"]["scored_against"] == 0
+        # the MuSc backbone encoded every warming-up image, the defect too (its decision came later)
+        assert services.methods["musc"].detector.counters()["references_encoded"] == 4
 
         defect = post(client, part(101, defect=True))
         assert defect["warming_up"] is False and defect["method"] == "musc"
