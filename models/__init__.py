@@ -19,6 +19,7 @@ from models.base import (
     LocalArrayCache,
     ReferenceMismatchError,
     ReferenceSet,
+    ReferencesRequiredError,
     WeightsError,
 )
 from models.registry import (
@@ -38,6 +39,7 @@ __all__ = [
     "LocalArrayCache",
     "ReferenceMismatchError",
     "ReferenceSet",
+    "ReferencesRequiredError",
     "WeightsError",
     "list_detectors",
     "load_detector",

@@ -15,7 +15,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -43,6 +43,13 @@ class ImageError(ValueError):
 
 class ReferenceMismatchError(ValueError):
     """References were encoded by another method, model or weights than the detector's."""
+
+
+class ReferencesRequiredError(ValueError):
+    """The method scores against golden images (e.g. AnomalyDINO) and none were given.
+
+    The service answers it with a 4xx saying to upload golden images for the product.
+    """
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,25 @@ def check_image(image: Any, name: str = "image") -> np.ndarray:
     return image
 
 
+def leave_one_out_indices(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """For each image ``i``, the indices of the images it may be scored against.
+
+    Every image except ``i`` and the images pixel-identical to it (same
+    :func:`image_hash`). Raises ``ValueError`` when one of them is left with none.
+    """
+    hashes = [image_hash(img) for img in images]
+    out = []
+    for i, h in enumerate(hashes):
+        others = [j for j, g in enumerate(hashes) if g != h]
+        if not others:
+            raise ValueError(
+                f"leave-one-out needs at least 2 distinct images: image {i} has no other image to "
+                f"be scored against ({len(images)} given)"
+            )
+        out.append(others)
+    return out
+
+
 class Detector(ABC):
     """One anomaly detection method on one loaded model.
 
@@ -255,6 +281,53 @@ class Detector(ABC):
     ) -> ReferenceSet:
         """Encode normal ("golden") images into an immutable :class:`ReferenceSet`."""
         raise NotImplementedError(f"method {self.method!r} does not use reference images")
+
+    def leave_one_out(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: ProductRecipe | None = None,
+    ) -> list[AnomalyResult]:
+        """Score each golden image as a fresh part would be: never against itself.
+
+        Result ``i`` scores ``images[i]`` against references encoded from all the OTHER
+        images (every image pixel-identical to ``images[i]`` is left out too, so a
+        duplicated golden image is not its own neighbour). These scores are what
+        threshold calibration needs (:mod:`models.calibration`): a golden image scored
+        against a set holding itself would look far more normal than a new part.
+
+        A method without references (``supports_references`` False) has nothing to
+        leave out: the images are scored with :meth:`predict_batch`.
+
+        This generic version encodes ``K - 1`` references ``K`` times (``O(K^2)`` image
+        encodings); detectors override it with a faster path giving the same numbers.
+
+        Args:
+            images: ``K`` ``HWC uint8 RGB`` normal images of one product (sizes may differ).
+
+        Returns:
+            ``K`` :class:`AnomalyResult`, in order; ``used_references`` is True for
+            reference methods and ``details["reference_count"]`` is the number of
+            images result ``i`` was scored against.
+
+        Raises:
+            ValueError: a reference method got an image with no other (distinct) image
+                to be scored against (fewer than 2 distinct images).
+        """
+        if not self.supports_references:
+            return self.predict_batch(images, object_name=object_name, product=product)
+        for i, img in enumerate(images):
+            check_image(img, f"image {i}")
+        results: list[AnomalyResult] = []
+        for i, others in enumerate(leave_one_out_indices(images)):
+            refs = self.encode_references(
+                [images[j] for j in others], object_name=object_name, product=product
+            )
+            res = self.predict(images[i], object_name=object_name, product=product, references=refs)
+            details = {**res.details, "reference_count": len(others), "leave_one_out": True}
+            results.append(replace(res, details=details))
+        return results
 
     def check_references(self, references: ReferenceSet | None) -> None:
         if references is None:

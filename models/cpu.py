@@ -276,11 +276,29 @@ def resolve_precision(
     return PrecisionChoice(requested, "fp32", note)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def checked_precision(requested: str, device: str, *, method: str = "") -> PrecisionChoice:
+    """Validate a ``precision=`` option, then :func:`resolve_precision` it.
+
+    Raises:
+        ValueError: an unknown precision, or ``fp16`` on a CPU (use ``bf16`` there).
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "fp16" and not str(device).startswith("cuda"):
+        raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
+    return resolve_precision(requested, device, method=method)
+
+
 __all__ = [
     "ENV_MAX_ISA",
     "ISA_LEVELS",
+    "PRECISIONS",
     "CpuCapabilities",
     "PrecisionChoice",
+    "checked_precision",
     "cpu_capabilities",
     "cpu_flags",
     "hardware_level",

@@ -30,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from models.base import RANDOM_INIT, WeightsError
+from models.base import RANDOM_INIT, WeightsError, check_image
 from models.checkpoints import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -235,6 +237,35 @@ def position_embedding(model: Any, grid: tuple[int, int], *, antialias: bool = F
     )
 
 
+def preprocess(
+    images: list[np.ndarray],
+    size: tuple[int, int],
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """``HWC uint8 RGB`` images -> ``[B, 3, size[0], size[1]]`` float32, ImageNet-normalised.
+
+    Pixels scaled to [0, 1], resized bicubic with antialias (torchvision ``Resize(...,
+    antialias=True, interpolation=BICUBIC)`` on a float tensor; no aspect keep; skipped
+    when the image already has that size), then ``(x - mean) / std``.
+    """
+    batch = []
+    for i, img in enumerate(images):
+        check_image(img, f"image {i}")
+        arr = np.ascontiguousarray(img)
+        if not arr.flags.writeable:  # torch.from_numpy needs a writable buffer
+            arr = arr.copy()
+        t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)  # [1, 3, H, W] in [0, 1]
+        if tuple(t.shape[-2:]) != tuple(size):
+            t = F.interpolate(t, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+        batch.append(t)
+    x = torch.cat(batch).to(device)  # [B, 3, h, w]
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 @torch.no_grad()
 def patch_tokens(model: Any, pixels: torch.Tensor, *, pos_antialias: bool = False) -> torch.Tensor:
     """Last-block tokens after the final norm, patch tokens only.
@@ -287,5 +318,6 @@ __all__ = [
     "load_strict",
     "patch_tokens",
     "position_embedding",
+    "preprocess",
     "read_weights",
 ]

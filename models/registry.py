@@ -19,6 +19,7 @@ _BUILTIN_MODULES = {
     "winclip": "models.winclip",
     "anomalyclip": "models.anomalyclip",
     "saa_plus": "models.saa",
+    "anomalydino": "models.anomalydino",
     "musc": "models.musc",
 }
 

@@ -26,7 +26,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent
 PRODUCTS_DIR = PROMPTS_DIR / "products"
 
 PRODUCT_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
-METHODS = ("winclip", "anomalyclip", "saa_plus", "musc")
+METHODS = ("winclip", "anomalyclip", "saa_plus", "anomalydino", "musc")
 
 #: Bounds of the prompt fields. Every state goes into every one of the ensemble's 21
 #: templates, and each prompt is encoded by the text tower on a product's first use:
@@ -118,6 +118,48 @@ class StreamConfig(BaseModel):
         return self
 
 
+class ThresholdCalibration(BaseModel):
+    """Where a product's calibrated threshold comes from (``POST /products/{id}/calibrate``).
+
+    The recipe's ``threshold`` equals ``threshold`` while this calibration holds. The
+    promise (``promise``) is valid only while the method, model, weights, precision,
+    prompts (``prompt_digest``) and golden set (``reference_key``) are the ones recorded
+    here; the service warns in every answer where they no longer match.
+    Unknown fields are kept (a newer service may record more).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    threshold: float = Field(ge=0.0, le=1.0, description="The calibrated threshold (full precision).")
+    method: str = Field(description="Method whose scores were calibrated.")
+    model: str = Field(description="Architecture.")
+    weights: str = Field(description="Weights tag.")
+    precision: str | None = Field(default=None, description="Visual tower precision (ZSI_PRECISION).")
+    backend: str | None = Field(default=None, description="Visual tower backend (ZSI_BACKEND).")
+    prompt_digest: str = Field(description="Hash of the exact prompt set the scores used.")
+    reference_key: str | None = Field(
+        default=None, description="Content hash of the golden set the method used (null: none)."
+    )
+    reference_count: int = Field(default=0, ge=0, description="Golden images in that set.")
+    n: int = Field(ge=1, description="Good scores the threshold was set from.")
+    target_false_reject_rate: float = Field(gt=0.0, lt=1.0, description="Requested alpha.")
+    confidence: float | None = Field(default=None, description="PAC confidence, null: marginal bound.")
+    bound: str = Field(description="marginal (conformal, on average) or pac (with `confidence`).")
+    rank: int = Field(description="k: the threshold sits just above the k-th smallest good score.")
+    order_statistic: float = Field(description="That score, s_(k).")
+    guaranteed_false_reject_rate: float = Field(description="(n + 1 - k) / (n + 1) <= target.")
+    calibration_false_reject_rate: float = Field(description="Share of the n good scores >= threshold.")
+    n_required: int = Field(description="Fewest good images this target (and confidence) needs.")
+    promise: str = Field(description="What is promised, in words.")
+    sources: dict[str, int] = Field(
+        default_factory=dict, description="Good scores per source (golden_leave_one_out, golden, extra, ...)."
+    )
+    recall: float | None = Field(default=None, description="Share of labelled defect images caught.")
+    n_defect: int = Field(default=0, ge=0, description="Labelled defect images the recall is from.")
+    random_weights: bool = Field(default=False, description="True: calibrated on random-init (demo) scores.")
+    calibrated_at: str = Field(description="ISO 8601, UTC.")
+
+
 class ProductRecipe(BaseModel):
     """A product: what the camera sees and how to judge it.
 
@@ -168,6 +210,11 @@ class ProductRecipe(BaseModel):
         default=None,
         description="Stream mode (MuSc against the product's recent accepted parts; needs "
         "default_method 'musc'); null = off. See docs/musc.md.",
+    )
+    calibration: ThresholdCalibration | None = Field(
+        default=None,
+        description="Provenance of a calibrated threshold (set by POST /products/{id}/calibrate); "
+        "null when the threshold was set by hand.",
     )
 
     @field_validator("extra_normal_states", "extra_anomalous_states")
@@ -343,6 +390,7 @@ __all__ = [
     "PromptEnsemble",
     "PromptFileError",
     "StreamConfig",
+    "ThresholdCalibration",
     "builtin_products",
     "ensemble_for",
     "get_builtin_product",

@@ -25,7 +25,7 @@ from service.queue import InferenceQueue
 from service.records import RecordService
 from service.references import ReferenceStore
 from service.result_cache import ResultCache
-from service.routers import health, inspect, inspections, metrics, products, references, system
+from service.routers import calibration, health, inspect, inspections, metrics, products, references, system
 from service.routers import stream as stream_router
 from service.schemas import DEMO_WARNING
 from service.settings import Settings, resolve_device
@@ -36,7 +36,8 @@ API_DESCRIPTION = """
 Zero-shot industrial anomaly inspection (WinCLIP / WinCLIP+, and the other methods
 listed in ZSI_METHODS). Post one camera image to **POST /inspect** with a product id;
 register golden (normal) images with **POST /products/{id}/references** to switch that
-product to few-shot. Errors are always `{"error": {"code", "message", ...}}`.
+product to few-shot, and set its threshold from good images at a target false-reject rate with
+**POST /products/{id}/calibrate**. Errors are always `{"error": {"code", "message", ...}}`.
 """
 
 
@@ -308,6 +309,7 @@ def create_app(
         products.router,
         references.router,
         stream_router.router,
+        calibration.router,
         system.router,
         metrics.router,
     ):

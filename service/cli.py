@@ -7,6 +7,7 @@ Subcommands:
     train-anomalyclip   train AnomalyCLIP prompts on an auxiliary dataset
     eval DATA_DIR       evaluate a method on MVTec-AD / VisA / your own folders (docs/evaluation.md)
     make-demo-dataset DIR   write a tiny synthetic dataset (MVTec-AD layout) to try eval on
+    calibrate PRODUCT   set a product's threshold in a running service from good images (docs/evaluation.md)
     db ...              records database schema: upgrade / current / heads (docs/records.md)
 """
 
@@ -243,6 +244,91 @@ def _make_demo_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _multipart(fields: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data request: (field, file name or '', data, type)."""
+    import uuid
+
+    boundary = f"zsi-{uuid.uuid4().hex}"
+    parts = []
+    for name, filename, data, ctype in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {ctype}\r\n\r\n"
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _http_post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+    """POST with the standard library; (status, body) for HTTP errors too."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Thin wrapper: options -> POST /products/{id}/calibrate of a running service; prints its answer."""
+    import mimetypes
+    import urllib.error
+    import urllib.parse
+
+    config: dict[str, Any] = {"target_false_reject_rate": args.target_frr}
+    if args.confidence is not None:
+        config["confidence"] = args.confidence
+    if args.method:
+        config["method"] = args.method
+    if args.include_reviewed:
+        config["include_reviewed"] = True
+    if args.no_golden:
+        config["use_golden"] = False
+    files = [("good", p) for p in _expand(args.good or [])] + [
+        ("defect", p) for p in _expand(args.defect or [])
+    ]
+    headers = {"Accept": "application/json"}
+    api_key = args.api_key or os.environ.get("ZSI_API_KEY")
+    if api_key:
+        headers["X-API-Key"] = api_key
+    if files:
+        fields = [("config", "", json.dumps(config).encode(), "application/json")]
+        for name, path in files:
+            ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            fields.append((name, path.name, path.read_bytes(), ctype))
+        body, headers["Content-Type"] = _multipart(fields)
+    else:
+        body, headers["Content-Type"] = json.dumps(config).encode(), "application/json"
+    url = f"{args.url.rstrip('/')}/products/{urllib.parse.quote(args.product, safe='')}/calibrate"
+    try:
+        status, answer = _http_post(url, body, headers, args.timeout)
+    except (urllib.error.URLError, OSError) as exc:
+        print(
+            f"error: no answer from {args.url} ({exc}); is the service running (anomaly-inspect serve)?",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        doc = json.loads(answer)
+    except ValueError:
+        print(f"error: HTTP {status} from {url}: {answer[:300]!r}", file=sys.stderr)
+        return 1
+    if status != 200:
+        err = doc.get("error", {}) if isinstance(doc, dict) else {}
+        print(f"error: HTTP {status} {err.get('code', '')}: {err.get('message', doc)}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2))
+    cal = doc["calibration"]
+    demo = " (DEMO: random-init model, not a real threshold)" if cal.get("random_weights") else ""
+    print(
+        f"{args.product}: threshold {doc['threshold']!r} from {cal['n']} good scores ({cal['bound']} bound, "
+        f"false-reject rate <= {cal['target_false_reject_rate']:g}){demo}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomaly-inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -331,6 +417,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=128, help="image side in pixels")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_make_demo_dataset)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="set a product's threshold in a running service from good images",
+        description="POST /products/PRODUCT/calibrate to a running service: it scores the product's golden "
+        "images leave-one-out (plus the images given here, plus reviewed records with --include-reviewed) "
+        "and sets the product's threshold at the target false-reject rate (docs/evaluation.md).",
+    )
+    c.add_argument("product", help="product id")
+    c.add_argument("--url", default=os.environ.get("ZSI_URL", "http://127.0.0.1:8000"), help="the service")
+    c.add_argument("--api-key", help="X-API-Key (default: $ZSI_API_KEY)")
+    c.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (default 0.01)")
+    c.add_argument("--confidence", type=float, help="PAC variant: confidence in (0, 1), e.g. 0.9")
+    c.add_argument("--method", help="method to calibrate (default: the product's)")
+    c.add_argument(
+        "--good", action="append", type=Path, metavar="FILE_OR_DIR", help="extra good images; repeatable"
+    )
+    c.add_argument(
+        "--defect",
+        action="append",
+        type=Path,
+        metavar="FILE_OR_DIR",
+        help="labelled defect images: the answer gives the recall at the new threshold; repeatable",
+    )
+    c.add_argument(
+        "--include-reviewed", action="store_true", help="also use records an operator judged good / defect"
+    )
+    c.add_argument("--no-golden", action="store_true", help="do not score the product's golden images")
+    c.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    c.set_defaults(func=_calibrate)
 
     sub.add_parser(
         "weights", help="list / fetch / verify checkpoints (anomaly-inspect weights -h)", add_help=False

@@ -4,7 +4,8 @@ The router parses the HTTP request (query, upload) and turns an :class:`Inspecti
 into an HTTP answer; this module does the rest, in order:
 
 1. resolve the product recipe and the method (404 / 422 / 503 as :class:`ApiError`);
-2. decide the threshold (the product's, else the generic one);
+2. decide the threshold: the product's (calibrated or hand-set), else the generic one, moved
+   by the request's ``sensitivity`` (:func:`models.calibration.effective_threshold`);
 3. look up the product's reference set (golden images) for the method;
 4. look up the per-image result cache (:mod:`service.result_cache`, keyed by the sha256
    of the upload): a hit skips 5 (unless a PNG overlay is asked for) and 6;
@@ -12,7 +13,9 @@ into an HTTP answer; this module does the rest, in order:
 6. encode the product's prompts if not done yet, on a text thread, NOT on the model's
    batch worker (:mod:`service.text_work`), so one product's prompts never stall others;
 7. queue the image for the method's batching worker (503 full, 504 deadline);
-8. decide and render (JSON body or PNG overlay), and observe stage metrics;
+8. decide on the effective threshold (also for a cached score: the threshold is not part of
+   the cache key), add the normalised score and the calibration warnings, render (JSON body
+   or PNG overlay), and observe stage metrics;
 9. make the inspection record durable (:mod:`service.records`) before the answer leaves:
    answers AND refusals raised from step 1 on get a record and an ``inspection_id``.
 
@@ -35,11 +38,13 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from models.base import AnomalyResult, ReferenceSet, image_hash
+from models.calibration import DEFAULT_SENSITIVITY, effective_threshold, normalize_score
 from models.postprocess import anomaly_map_png, boxes_above, overlay_png
 from prompts import ProductRecipe
 from service.deps import LoadedMethod, Services
 from service.errors import ApiError
 from service.imaging import decode_image
+from service.products import threshold_source
 from service.queue import QueueClosed, QueueFull, QueueTimeout, batch_key
 from service.records.draft import RecordDraft, recipe_digest
 from service.result_cache import CachedResult, encode_entry
@@ -65,6 +70,98 @@ class InspectParams:
     line: str | None = None
     station: str | None = None
     part_id: str | None = None
+    sensitivity: float = DEFAULT_SENSITIVITY
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How one request decides: the product threshold, moved by the request's sensitivity."""
+
+    threshold: float  # effective: decide ``score >= threshold``
+    product_threshold: float
+    source: str  # generic | product | calibrated | stream_fallback
+    sensitivity: float
+    calibration: dict[str, Any] | None  # summary of a calibrated threshold's provenance
+
+    @classmethod
+    def of(cls, recipe: ProductRecipe | None, sensitivity: float) -> Decision:
+        product_threshold = recipe.threshold if recipe is not None else GENERIC_THRESHOLD
+        source = threshold_source(recipe)
+        cal = recipe.calibration if recipe is not None and source == "calibrated" else None
+        return cls(
+            threshold=effective_threshold(product_threshold, sensitivity),
+            product_threshold=product_threshold,
+            source=source,
+            sensitivity=sensitivity,
+            calibration=calibration_summary(cal.model_dump(mode="json")) if cal is not None else None,
+        )
+
+    @classmethod
+    def stream_fallback(cls, threshold: float, sensitivity: float) -> Decision:
+        """A stream product warming up: its fallback decides on ``stream.fallback_threshold``."""
+        return cls(
+            threshold=effective_threshold(threshold, sensitivity),
+            product_threshold=threshold,
+            source="stream_fallback",
+            sensitivity=sensitivity,
+            calibration=None,
+        )
+
+    def provenance(self, warnings: list[str]) -> dict[str, Any]:
+        """The record's ``threshold_provenance``."""
+        doc: dict[str, Any] = {
+            "product_threshold": self.product_threshold,
+            "sensitivity": self.sensitivity,
+            "calibration": self.calibration,
+        }
+        if warnings:
+            doc["warnings"] = warnings
+        return doc
+
+
+def calibration_summary(cal: dict[str, Any]) -> dict[str, Any]:
+    """The part of a calibration's provenance every answer and record carries."""
+    keys = (
+        "method",
+        "model",
+        "weights",
+        "precision",
+        "prompt_digest",
+        "reference_key",
+        "n",
+        "target_false_reject_rate",
+        "confidence",
+        "bound",
+        "guaranteed_false_reject_rate",
+        "calibrated_at",
+    )
+    return {k: cal.get(k) for k in keys}
+
+
+def calibration_mismatches(
+    recipe: ProductRecipe, result: AnomalyResult, reference_key: str | None, precision: str
+) -> list[str]:
+    """What differs between the product's calibration and the setup that produced ``result``."""
+    cal = recipe.calibration
+    if cal is None:
+        return []
+    now = {
+        "method": result.method,
+        "model": result.model,
+        "weights": result.weights,
+        "precision": precision,
+        "prompts": result.prompt_digest,
+        "golden set": reference_key,
+    }
+    then = {
+        "method": cal.method,
+        "model": cal.model,
+        "weights": cal.weights,
+        "precision": cal.precision if cal.precision is not None else precision,
+        "prompts": cal.prompt_digest,
+        "golden set": cal.reference_key,
+    }
+    return [k for k in now if now[k] != then[k]]
 
 
 @dataclass
@@ -80,7 +177,7 @@ class Inspection:
     method: str
     result: AnomalyResult
     decision: Literal["anomalous", "normal"]
-    threshold: float
+    threshold: float  # effective (the product threshold moved by the sensitivity)
     references: ReferenceSet | None
     timings: dict[str, float]
     demo: bool
@@ -90,6 +187,10 @@ class Inspection:
     record_id: str = ""
     cached: bool = False
     recorded: bool = True
+    rule: Decision | None = None
+    normalized_score: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
     stream: StreamRun | None = None
 
 
@@ -134,14 +235,36 @@ class InspectionFlow:
 
     @staticmethod
     def threshold_for(recipe: ProductRecipe | None) -> float:
+        """The product threshold (before sensitivity): the recipe's, else the generic one."""
         return recipe.threshold if recipe is not None else GENERIC_THRESHOLD
 
     @staticmethod
-    def threshold_source_for(recipe: ProductRecipe | None) -> str:
-        """Where the threshold comes from: ``product`` (its recipe) or ``generic`` (no product)."""
-        if recipe is None:
-            return "generic"
-        return str(getattr(recipe, "threshold_source", None) or "product")
+    def warnings_for(
+        recipe: ProductRecipe | None,
+        rule: Decision,
+        result: AnomalyResult,
+        reference_key: str | None,
+        precision: str,
+    ) -> tuple[list[str], list[str]]:
+        """(warnings for the answer, what no longer matches the calibration)."""
+        if recipe is None or rule.source != "calibrated" or recipe.calibration is None:
+            return [], []
+        cal = recipe.calibration
+        stale = calibration_mismatches(recipe, result, reference_key, precision)
+        warnings = []
+        if stale:
+            warnings.append(
+                f"the threshold of {recipe.id!r} was calibrated with another {', '.join(stale)} "
+                f"({cal.method}/{cal.model}/{cal.weights}, prompts {cal.prompt_digest}, golden set "
+                f"{cal.reference_key or 'none'}, on {cal.calibrated_at}): its false-reject promise does not "
+                f"hold for this answer; calibrate again (POST /products/{recipe.id}/calibrate)"
+            )
+        if rule.sensitivity > DEFAULT_SENSITIVITY:
+            warnings.append(
+                f"sensitivity {rule.sensitivity:g} > 0.5 lowers the calibrated threshold: the promised "
+                f"false-reject rate (<= {cal.target_false_reject_rate:g}) does not hold at this threshold"
+            )
+        return warnings, stale
 
     # ------------------------------------------------------------------ run
     async def run(
@@ -202,9 +325,10 @@ class InspectionFlow:
             loaded = stream.answering
             draft.stream_mode, draft.bank_size = stream.mode, stream.size  # a refusal records them too
         det = loaded.detector
-        threshold = self.threshold_for(recipe)
+        rule = Decision.of(recipe, params.sensitivity)
         if stream is not None and stream.threshold is not None:
-            threshold = stream.threshold  # the fallback's own scale while warming up
+            rule = Decision.stream_fallback(stream.threshold, params.sensitivity)  # the fallback's scale
+        threshold = rule.threshold
         demo = det.random_weights or services.demo
         draft.method, draft.model, draft.weights, draft.demo = (
             loaded.method,
@@ -212,11 +336,8 @@ class InspectionFlow:
             det.weights_tag,
             demo,
         )
-        draft.threshold, draft.threshold_source = threshold, self.threshold_source_for(recipe)
-        if stream is not None and stream.threshold is not None:
-            draft.threshold_source = "stream_fallback"
-        provenance = getattr(recipe, "threshold_provenance", None)
-        draft.threshold_provenance = provenance if isinstance(provenance, dict) else None
+        draft.threshold, draft.threshold_source = threshold, rule.source
+        draft.threshold_provenance = rule.provenance([])
         if recipe is not None:
             draft.product, draft.recipe_digest = recipe.id, recipe_digest(recipe)
         clock.lap("resolve")
@@ -275,6 +396,7 @@ class InspectionFlow:
         clock.last = time.perf_counter()
 
         decision: Literal["anomalous", "normal"] = "anomalous" if result.score >= threshold else "normal"
+        warnings, stale = self.warnings_for(recipe, rule, result, draft.reference_key, settings.precision)
         if stream is not None:
             await self.stream.finish(stream, result, decision, threshold)  # accepted parts join the bank
             if stream.mode == "stream":
@@ -293,6 +415,10 @@ class InspectionFlow:
             demo=demo,
             record_id=draft.id,
             cached=hit is not None,
+            rule=rule,
+            normalized_score=normalize_score(float(result.score), rule.product_threshold),
+            warnings=warnings,
+            stale=stale,
             stream=stream,
         )
         if params.output == "png":
@@ -376,7 +502,9 @@ class InspectionFlow:
         draft.prompt_digest, draft.model, draft.weights = result.prompt_digest, result.model, result.weights
         draft.used_references = result.used_references
         draft.score, draft.decision, draft.cached = float(result.score), ins.decision, ins.cached
-        draft.set_normalized(result.details.get("normalized_score"))
+        draft.set_normalized(ins.normalized_score)
+        if ins.rule is not None:
+            draft.threshold_provenance = ins.rule.provenance(ins.warnings)
         draft.regions, draft.regions_truncated = rendered["regions"], rendered["regions_truncated"]
         draft.image_width, draft.image_height = rendered["image"]["width"], rendered["image"]["height"]
         draft.batch_size = int(qinfo["batch_size"])
@@ -487,10 +615,18 @@ class InspectionFlow:
     @staticmethod
     def _body(ins: Inspection, rendered: dict[str, Any], qinfo: dict[str, float]) -> dict[str, Any]:
         result = ins.result
+        rule = ins.rule
+        assert rule is not None
         body: dict[str, Any] = {
             "score": result.score,
+            "normalized_score": ins.normalized_score,
             "decision": ins.decision,
             "threshold": ins.threshold,
+            "product_threshold": rule.product_threshold,
+            "threshold_source": rule.source,
+            "sensitivity": rule.sensitivity,
+            "calibration": rule.calibration,
+            "warnings": list(ins.warnings),
             "product": ins.recipe.id if ins.recipe is not None else None,
             "method": result.method,
             "model": result.model,
@@ -505,6 +641,7 @@ class InspectionFlow:
             "cached": ins.cached,
         }
         if ins.stream is not None:
+            body["warnings"] = [*body.get("warnings", []), *ins.stream.warnings]
             body["warming_up"] = ins.stream.mode == "warming_up"
             body["bank_size"] = ins.stream.bank_size
             body["stream"] = ins.stream.info()
@@ -540,11 +677,18 @@ class InspectionFlow:
             "X-Anomaly-Score": f"{ins.result.score:.6f}",
             "X-Decision": ins.decision,
             "X-Threshold": f"{ins.threshold:.6f}",
+            "X-Normalized-Score": f"{ins.normalized_score:.6f}",
             "X-Method": ins.result.method,
             "X-Used-References": str(ins.result.used_references).lower(),
             "X-Inspection-Id": ins.record_id,
             "X-Cache": "hit" if ins.cached else "miss",
         }
+        if ins.rule is not None:
+            headers["X-Product-Threshold"] = f"{ins.rule.product_threshold:.6f}"
+            headers["X-Threshold-Source"] = ins.rule.source
+            headers["X-Sensitivity"] = f"{ins.rule.sensitivity:g}"
+        if ins.stale:
+            headers["X-Calibration-Stale"] = ",".join(s.replace(" ", "-") for s in ins.stale)
         if ins.stream is not None:
             headers["X-Stream-Mode"] = ins.stream.mode
             headers["X-Bank-Size"] = str(ins.stream.bank_size)
@@ -585,4 +729,13 @@ def _image_format(data: bytes) -> str | None:
         return None
 
 
-__all__ = ["DEMO_LABEL", "GENERIC_THRESHOLD", "InspectParams", "Inspection", "InspectionFlow"]
+__all__ = [
+    "DEMO_LABEL",
+    "GENERIC_THRESHOLD",
+    "Decision",
+    "InspectParams",
+    "Inspection",
+    "InspectionFlow",
+    "calibration_mismatches",
+    "calibration_summary",
+]

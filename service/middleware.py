@@ -61,7 +61,9 @@ class ServiceMiddleware:
         path = path.rstrip("/") or "/"
         if path == "/inspect":
             return s.max_image_bytes, "ZSI_MAX_IMAGE_BYTES"
-        if path.startswith("/products/") and path.endswith("/references"):
+        if path.startswith("/products/") and path.endswith(("/references", "/calibrate")):
+            # golden-image uploads, and calibration with images sent (a JSON calibration body is
+            # capped at ZSI_MAX_JSON_BYTES by its route)
             return (
                 s.max_image_bytes * s.max_reference_images,
                 "ZSI_MAX_IMAGE_BYTES x ZSI_MAX_REFERENCE_IMAGES",

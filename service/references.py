@@ -5,6 +5,15 @@ Per product, a small JSON index lists one reference set per model key
 :class:`models.base.ReferenceSet` blob. The blob key is a content hash of model key,
 product id and the ordered image hashes, so a second process (or a repeated upload)
 finds the features already stored and encodes nothing.
+
+The uploaded bytes of the golden images are kept too (threshold calibration scores them
+leave-one-out; ``?append=true`` re-encodes the grown set from them), in the same store,
+content-addressed per product: ``{prefix}refimg:{product}:{sha256 of the bytes}``. The
+index entry lists them (``images``, in the order of ``image_hashes``). An image is
+deleted when no set of its product lists it any more (a replacing upload, a DELETE of
+the set or of the product). They cost their file size in Redis (or under
+``ZSI_DATA_DIR``): 32 golden images of 2 MB each are 64 MB per product, next to about
+1.7 MB of WinCLIP+ features per image (docs/service.md).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +58,7 @@ class ReferenceStore:
         self.store = store
         self.index_prefix = f"{prefix}refs:"
         self.blob_prefix = f"{prefix}refset:"
+        self.image_prefix = f"{prefix}refimg:"
         self.ttl_s = ttl_s or None
         self._decoded: OrderedDict[str, ReferenceSet] = OrderedDict()
         self._lock = threading.Lock()
@@ -99,20 +110,41 @@ class ReferenceStore:
         self._remember(key, refs)
         return key
 
-    def set_index_entry(self, product_id: str, detector: Detector, hashes: Sequence[str], key: str) -> None:
+    def set_index_entry(
+        self,
+        product_id: str,
+        detector: Detector,
+        hashes: Sequence[str],
+        key: str,
+        images: Sequence[str] | None = None,
+    ) -> None:
+        """Record the set of ``detector``'s model for the product (replacing the previous one).
+
+        ``images``: sha256 of each golden image's kept bytes (:meth:`save_images`), in the
+        order of ``hashes``. Kept images no set lists any more are deleted.
+        """
         sets = self.index(product_id)
-        sets[detector.model_key] = {
+        before = _listed_images(sets)
+        entry: dict[str, Any] = {
             "method": detector.method,
             "model_key": detector.model_key,
             "image_hashes": list(hashes),
             "key": key,
             "created_at": time.time(),
         }
+        if images is not None:
+            if len(images) != len(hashes):
+                raise ValueError("one kept image per image hash")
+            entry["images"] = list(images)
+        sets[detector.model_key] = entry
         self._write_index(product_id, sets)
+        self._drop_images(product_id, before - _listed_images(sets))
 
     def clear(self, product_id: str, method: str | None = None) -> int:
-        """Drop the product's reference sets (of one method, or all); returns how many."""
+        """Drop the product's reference sets (of one method, or all) and the kept images no
+        remaining set lists; returns how many sets."""
         sets = self.index(product_id)
+        before = _listed_images(sets)
         dropped = [mk for mk, e in sets.items() if method is None or e.get("method") == method]
         for mk in dropped:
             entry = sets.pop(mk)
@@ -120,7 +152,53 @@ class ReferenceStore:
             # but it belongs to this product id (the id is in the key): safe to delete.
             self.store.delete(str(entry.get("key", "")))
         self._write_index(product_id, sets)
+        self._drop_images(product_id, before - _listed_images(sets))
+        if method is None:  # images of an index that was corrupt or lost are orphans too
+            for k in self.store.keys(f"{self.image_prefix}{product_id}:"):
+                self.store.delete(k)
         return len(dropped)
+
+    # ------------------------------------------------------------ kept images
+    def image_key(self, product_id: str, sha256: str) -> str:
+        return f"{self.image_prefix}{product_id}:{sha256}"
+
+    def save_images(self, product_id: str, blobs: Sequence[bytes]) -> list[str]:
+        """Keep the uploaded bytes of golden images; returns their sha256 (64 hex), in order."""
+        shas = []
+        for blob in blobs:
+            sha = hashlib.sha256(blob).hexdigest()
+            self.store.set(self.image_key(product_id, sha), bytes(blob), self.ttl_s)
+            shas.append(sha)
+        return shas
+
+    def _drop_images(self, product_id: str, shas: set[str]) -> None:
+        for sha in shas:
+            self.store.delete(self.image_key(product_id, sha))
+
+    def kept_images(self, product_id: str, model_key: str | None = None) -> KeptImages:
+        """The kept golden images of one set (``model_key``), or of every set of the product
+        (``None``; each image once). Images the store no longer holds are counted as missing."""
+        sets = self.index(product_id)
+        entries = [sets[model_key]] if model_key is not None and model_key in sets else []
+        if model_key is None:
+            entries = list(sets.values())
+        listed: list[str] = []
+        unkept = 0
+        for entry in entries:
+            shas = entry.get("images")
+            if not isinstance(shas, list):
+                unkept += len(entry.get("image_hashes", []))  # uploaded before images were kept
+                continue
+            listed.extend(str(s) for s in shas)
+        found: list[tuple[str, bytes]] = []
+        missing = 0
+        for sha in dict.fromkeys(listed):
+            blob = self.store.get(self.image_key(product_id, sha))
+            if blob is None:
+                missing += 1
+            else:
+                found.append((sha, blob))
+        return KeptImages(images=found, missing=missing + unkept, in_sets=len(entries))
 
     # ---------------------------------------------------------------- reading
     def _remember(self, key: str, refs: ReferenceSet) -> None:
@@ -164,3 +242,25 @@ class ReferenceStore:
 
 def hashes_of(images: Sequence[np.ndarray]) -> list[str]:
     return [image_hash(img) for img in images]
+
+
+def _listed_images(sets: dict[str, dict[str, Any]]) -> set[str]:
+    out: set[str] = set()
+    for entry in sets.values():
+        shas = entry.get("images")
+        if isinstance(shas, list):
+            out.update(str(s) for s in shas)
+    return out
+
+
+@dataclass(frozen=True)
+class KeptImages:
+    """Kept golden images: ``(sha256, uploaded bytes)`` each once, in upload order.
+
+    ``missing`` counts listed images the store no longer holds (expired, or uploaded
+    before images were kept); ``in_sets`` how many reference sets were read.
+    """
+
+    images: list[tuple[str, bytes]]
+    missing: int
+    in_sets: int

@@ -6,7 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from prompts import MAX_DATASET_CHARS, MAX_EXTRA_STATES, MAX_OBJECT_NAME_CHARS, MAX_STATE_CHARS, StreamConfig
+from prompts import (
+    MAX_DATASET_CHARS,
+    MAX_EXTRA_STATES,
+    MAX_OBJECT_NAME_CHARS,
+    MAX_STATE_CHARS,
+    StreamConfig,
+    ThresholdCalibration,
+)
 from prompts.saa import MAX_DEFECT_PROMPTS
 
 DEMO_WARNING = "DEMO mode: tiny random-init models; scores are NOT real inspection results"
@@ -109,10 +116,57 @@ class ImageInfo(BaseModel):
     sha256_16: str = Field(description="Content hash of the decoded pixels (16 hex chars).")
 
 
+class CalibrationSummary(BaseModel):
+    """What a calibrated threshold promises and what it was calibrated with (answers, records)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    model: str
+    weights: str
+    prompt_digest: str
+    reference_key: str | None
+    n: int = Field(description="Good scores the threshold was set from.")
+    target_false_reject_rate: float
+    confidence: float | None
+    bound: str = Field(description="marginal or pac.")
+    guaranteed_false_reject_rate: float
+    calibrated_at: str
+
+
 class InspectResponse(Tagged):
-    score: float = Field(description="Image anomaly score in [0, 1].", examples=[0.73])
+    score: float = Field(
+        description="Image anomaly score in [0, 1] (the method's own scale).", examples=[0.73]
+    )
+    normalized_score: float = Field(
+        description="The score mapped to [0, 1] with the product threshold at 0.5 (piecewise linear, "
+        "monotone): normalized_score >= 1 - sensitivity exactly when the decision is anomalous.",
+        examples=[0.61],
+    )
     decision: Literal["anomalous", "normal"] = Field(description="'anomalous' when score >= threshold.")
-    threshold: float = Field(description="The product's decision threshold.")
+    threshold: float = Field(
+        description="The threshold this answer decided with: the product threshold moved by `sensitivity` "
+        "(equal to it at sensitivity 0.5)."
+    )
+    product_threshold: float = Field(
+        description="The product's threshold (calibrated, hand-set, or the generic 0.5 without a product)."
+    )
+    threshold_source: Literal["generic", "product", "calibrated", "stream_fallback"] = Field(
+        description="generic (no product: 0.5), product (the recipe's, set by hand), calibrated "
+        "(POST /products/{id}/calibrate; see `calibration`) or stream_fallback (a stream product warming "
+        "up: its stream.fallback_threshold)."
+    )
+    sensitivity: float = Field(
+        description="The request's sensitivity in [0, 1]: 0.5 decides at the product threshold, higher "
+        "rejects more parts, lower fewer. A calibrated false-reject promise holds for <= 0.5 only."
+    )
+    calibration: CalibrationSummary | None = Field(
+        default=None, description="Provenance of a calibrated product threshold (null otherwise)."
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="E.g. the calibration no longer matches the method, model, weights, prompts or golden "
+        "set that answered (recalibrate), or a sensitivity above 0.5 on a calibrated threshold.",
+    )
     product: str | None = Field(description="Product id, or null for the generic 'object' prompts.")
     method: str = Field(examples=["winclip"])
     model: str = Field(description="Architecture.", examples=["ViT-B-16-plus-240"])
@@ -183,7 +237,11 @@ class ProductIn(BaseModel):
         examples=[["cracked {}"]],
     )
     threshold: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="Score at or above which a part is anomalous."
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Score at or above which a part is anomalous. Omitted on a calibrated product: the "
+        "calibrated threshold and its calibration are kept; another value clears the calibration.",
     )
     default_method: str = Field(default="winclip", description="Method used when /inspect names none.")
     dataset: str | None = Field(
@@ -220,6 +278,14 @@ class ProductInfo(BaseModel):
     stream: StreamConfig | None = None
     source: Literal["builtin", "custom", "override"] = Field(
         description="builtin (prompts/), custom (created through the API) or override (PUT on a built-in id)."
+    )
+    threshold_source: Literal["product", "calibrated"] = Field(
+        default="product",
+        description="calibrated (set by POST /products/{id}/calibrate; see `calibration`) or product "
+        "(set by hand, or the built-in's).",
+    )
+    calibration: ThresholdCalibration | None = Field(
+        default=None, description="Provenance of the calibrated threshold (null: set by hand)."
     )
 
 
@@ -298,6 +364,11 @@ class ReferenceSetOut(BaseModel):
     count: int
     image_hashes: list[str]
     stored: bool = Field(default=True, description="False when the stored features expired or are missing.")
+    images_kept: int = Field(
+        default=0,
+        description="Golden images whose uploaded bytes are kept (calibration, append); 0 for a set "
+        "uploaded before images were kept.",
+    )
 
 
 class ReferencesOut(Tagged):
@@ -312,6 +383,86 @@ class ReferencesCreated(Tagged):
     count: int
     image_hashes: list[str]
     computed: bool = Field(description="False when identical features were already stored (no model work).")
+    seconds: float
+    added: int = Field(default=0, description="Images this upload added (append: the new ones only).")
+    images_kept: int = Field(default=0, description="Golden images whose uploaded bytes are kept.")
+
+
+class CalibrateIn(BaseModel):
+    """``POST /products/{id}/calibrate``: the JSON body, or the multipart field ``config``."""
+
+    model_config = ConfigDict(extra="forbid")
+    target_false_reject_rate: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Largest share of good parts the threshold may reject (alpha). Needs "
+        "ceil(1 / alpha) - 1 good images: 99 for 0.01, 19 for 0.05, 9 for 0.1.",
+        examples=[0.05],
+    )
+    confidence: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="PAC variant: with this probability over the draw of the good images, the "
+        "threshold's own false-reject rate is <= alpha (needs more images: 230 for 0.01 at 0.9). "
+        "Null: the marginal (conformal) bound.",
+        examples=[0.9],
+    )
+    method: str | None = Field(default=None, description="Method to calibrate; default: the product's.")
+    use_golden: bool = Field(
+        default=True,
+        description="Score the product's kept golden images (leave-one-out when the method uses them).",
+    )
+    include_reviewed: bool = Field(
+        default=False,
+        description="Add the product's inspection records an operator judged good (and, for the recall, "
+        "those judged defect): their stored score when it came from the same method, model, weights, "
+        "precision, prompts and golden set, else their kept image scored anew.",
+    )
+
+
+class CalibrationSources(BaseModel):
+    golden_leave_one_out: int = Field(
+        default=0, description="Golden images scored against the OTHER golden images."
+    )
+    golden: int = Field(
+        default=0, description="Golden images scored without references (method without a set)."
+    )
+    extra: int = Field(default=0, description="Good images sent with the request (multipart field `good`).")
+    reviewed_scores: int = Field(
+        default=0, description="Reviewed-good records whose stored score was used as is."
+    )
+    reviewed_rescored: int = Field(
+        default=0, description="Reviewed-good records whose kept image was scored anew."
+    )
+    reviewed_skipped: int = Field(
+        default=0,
+        description="Reviewed-good records left out: another setup and no kept image, or a golden image.",
+    )
+
+
+class ScoreSummary(BaseModel):
+    n: int
+    min: float | None
+    median: float | None
+    max: float | None
+
+
+class CalibrationOut(Tagged):
+    product: str
+    method: str
+    model: str
+    weights: str
+    threshold: float = Field(description="The new product threshold (full precision).")
+    previous_threshold: float
+    previous_threshold_source: Literal["product", "calibrated"]
+    calibration: ThresholdCalibration = Field(description="Stored with the product (GET /products/{id}).")
+    sources: CalibrationSources
+    good_scores: ScoreSummary
+    defect_scores: ScoreSummary = Field(description="Labelled defect images (field `defect`, reviewed).")
+    recall: float | None = Field(description="Share of the labelled defect images at or above the threshold.")
+    notes: list[str] = Field(default_factory=list, description="What was left out, and why.")
     seconds: float
 
 
@@ -400,7 +551,9 @@ class InspectionOut(BaseModel):
     reference_count: int
     used_references: bool
     threshold: float | None
-    threshold_source: str | None = Field(description="product (the recipe's) or generic (no product).")
+    threshold_source: str | None = Field(
+        description="calibrated (POST /products/{id}/calibrate), product (the recipe's) or generic (no product)."
+    )
     threshold_provenance: dict[str, Any] | None = None
     score: float | None
     normalized_score: float | None = None

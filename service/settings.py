@@ -58,7 +58,15 @@ class Settings(BaseSettings):
         default=1024 * 1024, ge=1024, description="Largest body of the JSON routes (PUT /products/{id})."
     )
     max_image_pixels: int = Field(default=40_000_000, ge=4, description="Largest image (width x height).")
-    max_reference_images: int = Field(default=16, ge=1, description="Most golden images per upload.")
+    max_reference_images: int = Field(
+        default=32,
+        ge=1,
+        description="Most golden images of a product's set (per upload, and in total with ?append=true); "
+        "the golden-upload and calibration body cap is ZSI_MAX_IMAGE_BYTES x this.",
+    )
+    max_calibration_images: int = Field(
+        default=256, ge=1, description="Most extra images (good + defect) sent with one calibration request."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Visual tower precision.")
     backend: Literal["torch", "onnx"] = Field(default="torch", description="Visual tower backend.")
     max_regions: int = Field(default=100, ge=0, description="Most regions listed in an /inspect answer.")

@@ -42,7 +42,7 @@ from models.base import (
     check_image,
 )
 from models.clip_backbone import FIT_MODES, ClipBackbone, create_clip, preprocess_pil, square_fit
-from models.cpu import cpu_capabilities, resolve_precision
+from models.cpu import checked_precision, cpu_capabilities
 from models.weights import fetch_hint, manifest
 
 if TYPE_CHECKING:
@@ -213,10 +213,6 @@ class AnomalyClipDetector(Detector):
     ) -> None:
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-        if precision == "fp16" and not str(device).startswith("cuda"):
-            raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
         self.backbone = backbone
         self.clip: Any = backbone.model
         self.arch = arch
@@ -225,7 +221,7 @@ class AnomalyClipDetector(Detector):
         self.prompt_tag = prompt_tag
         self.weights_tag = f"{backbone.weights_tag}+{prompt_tag}"
         self.random_weights = bool(backbone.random_weights or prompts_random)
-        self.precision_choice = resolve_precision(precision, self.device, method=self.method)
+        self.precision_choice = checked_precision(precision, self.device, method=self.method)
         self.precision = self.precision_choice.effective  # what runs
         #: ISA level the CPU path was chosen for (``None`` on CUDA)
         self.cpu_isa = None if self.device.startswith("cuda") else cpu_capabilities().isa

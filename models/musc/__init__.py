@@ -27,7 +27,7 @@ from models.musc.bank import (
     bank_summary,
     check_bank,
 )
-from models.musc.detector import MuscConfig, MuscDetector, StreamPrediction, resolve_precision
+from models.musc.detector import MuscConfig, MuscDetector, StreamPrediction
 from models.musc.torch_model import (
     R_LIST,
     RSCIN_K,
@@ -282,6 +282,5 @@ __all__ = [
     "build_musc",
     "check_bank",
     "required_weights",
-    "resolve_precision",
     "weights_from_dir",
 ]

@@ -41,8 +41,7 @@ from models.base import (
     image_hash,
 )
 from models.clip_backbone import OPENAI_MEAN, OPENAI_STD
-from models.cpu import PrecisionChoice
-from models.cpu import resolve_precision as shared_resolve_precision
+from models.cpu import checked_precision
 from models.musc.bank import check_bank
 from models.musc.torch_model import (
     DEFAULT_CHUNK,
@@ -67,23 +66,6 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _BANK_DTYPES = {"float16": np.float16, "float32": np.float32}
 #: the result contract is [0, 1]; MSM distances between unit vectors lie in [0, 2]
 MAP_SCALE = 0.5
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``precision`` validated; ``bf16`` on a CPU without native bf16 runs ``fp32``.
-
-    The CPU decision and its one warning are :func:`models.cpu.resolve_precision`'s
-    (shared by every method).
-    """
-    return _precision_choice(precision, device).effective
-
-
-def _precision_choice(precision: str, device: str) -> PrecisionChoice:
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and not str(device).startswith("cuda"):
-        raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
-    return shared_resolve_precision(precision, device, method="musc")
 
 
 def preprocess_images(
@@ -210,7 +192,7 @@ class MuscDetector(Detector):
         self.std = std
         self.interpolation = interpolation
         self.device = str(device)
-        self.precision_choice = _precision_choice(precision, self.device)
+        self.precision_choice = checked_precision(precision, self.device, method=self.method)
         self.precision = self.precision_choice.effective  # what runs
         self.requested_precision = precision
         self.bank_dtype = bank_dtype

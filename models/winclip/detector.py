@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,9 +20,10 @@ from models.base import (
     ReferenceSet,
     check_image,
     image_hash,
+    leave_one_out_indices,
 )
 from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
-from models.cpu import cpu_capabilities, resolve_precision
+from models.cpu import checked_precision, cpu_capabilities
 from models.winclip.encoder import EncodedImages, PackedTower, TowerFn, VisualTower, WinClipEncoder
 from models.winclip.maths import (
     TEMPERATURE,
@@ -77,10 +79,6 @@ class WinClipDetector(Detector):
         tower: TowerFn | None = None,
         tower_label: str = "torch",
     ) -> None:
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-        if precision == "fp16" and not str(device).startswith("cuda"):
-            raise ValueError("fp16 is only supported on CUDA; use bf16 on CPU")
         self.backbone = backbone
         self.clip: Any = backbone.model
         self.model_name = backbone.model_name
@@ -91,7 +89,7 @@ class WinClipDetector(Detector):
         on_cpu = not self.device.startswith("cuda")
         #: ISA level the CPU paths were chosen for (``None`` on CUDA)
         self.cpu_isa = cpu_capabilities().isa if on_cpu else None
-        self.precision_choice = resolve_precision(precision, self.device, method=self.method)
+        self.precision_choice = checked_precision(precision, self.device, method=self.method)
         self.precision = self.precision_choice.effective  # what runs
         self.cache: ArrayCache = cache if cache is not None else LocalArrayCache()
         self.tokenizer = open_clip.get_tokenizer(backbone.model_name)
@@ -223,13 +221,21 @@ class WinClipDetector(Detector):
 
     def few_shot_map(self, enc: EncodedImages, references: ReferenceSet) -> torch.Tensor:
         """WinCLIP+ few-shot grid map ``[B, h, w]``: mean of patch VA and per-scale harmonic window VA."""
-        b = enc.image.shape[0]
+        memory = {
+            name: torch.tensor(np.asarray(arr)).to(self.device) for name, arr in references.arrays.items()
+        }
+        return self._few_shot_from_memory(enc.patches, enc.windows, memory)
+
+    def _few_shot_from_memory(
+        self, patches: torch.Tensor, windows: dict[int, torch.Tensor], memory: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Few-shot map ``[B, h, w]`` of ``patches [B, P, D]`` / ``windows {k: [B, W_k, E]}`` against
+        a memory ``{"patches": [R, D], "windows_k": [R_k, E]}`` (the arrays of a ReferenceSet)."""
+        b = patches.shape[0]
         gh, gw = self.encoder.grid_size
-        mem_patches = torch.tensor(np.asarray(references.arrays["patches"])).to(self.device)
-        maps = [visual_association(enc.patches.float(), mem_patches).reshape(b, gh, gw)]
+        maps = [visual_association(patches.float(), memory["patches"]).reshape(b, gh, gw)]
         for k in self.scales:
-            mem = torch.tensor(np.asarray(references.arrays[f"windows_{k}"])).to(self.device)
-            va = visual_association(enc.windows[k].float(), mem)  # [B, W]
+            va = visual_association(windows[k].float(), memory[f"windows_{k}"])  # [B, W]
             maps.append(harmonic_aggregation(va, self.encoder.grid_size, self.encoder.aggregation_index[k]))
         return torch.stack(maps).mean(dim=0)
 
@@ -269,18 +275,82 @@ class WinClipDetector(Detector):
             grid = (grid + fs) / 2
             scores = (scores + fs.flatten(1).amax(dim=1)) / 2
         t4 = time.perf_counter()
+        timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2, "score": t4 - t3}
+        return self._results(images, scores, grid, digest, timings, used_references=references is not None)
+
+    @torch.no_grad()
+    def leave_one_out(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: ProductRecipe | None = None,
+    ) -> list[AnomalyResult]:
+        """WinCLIP+ scores of each golden image against the memory of the OTHER images.
+
+        The same numbers as :meth:`models.base.Detector.leave_one_out` (references encoded
+        from the others, then :meth:`predict`), but every image is encoded ONCE: the
+        zero-shot part of each score needs no references, and the few-shot map of image
+        ``i`` is its visual association with the concatenated patch and window
+        embeddings of the other images (pixel-identical copies of ``i`` left out too).
+        ``K`` image encodings instead of ``K^2``.
+        """
+        if len(images) == 0:
+            return []
+        for i, img in enumerate(images):
+            check_image(img, f"image {i}")
+        keep = leave_one_out_indices(images)  # raises with < 2 distinct images
+        t0 = time.perf_counter()
+        ensemble, name = self._prompt_inputs(object_name, product)
+        digest = ensemble.digest(name)
+        prototypes = self._cached_prototypes(ensemble, name, digest)
+        t1 = time.perf_counter()
+        pixels = preprocess(
+            list(images), self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device
+        )
+        t2 = time.perf_counter()
+        enc = self.encoder.encode(pixels)
+        self.count("references_encoded", len(images))
+        t3 = time.perf_counter()
+        scores, grid = self.zero_shot_maps(enc, prototypes)  # [K], [K, h, w]
+        patches = enc.patches.float()  # [K, P, D]
+        windows = {k: w.float() for k, w in enc.windows.items()}  # [K, W_k, E]
+        fs_maps = []
+        for i, others in enumerate(keep):
+            idx = torch.tensor(others, dtype=torch.long, device=patches.device)
+            memory = {"patches": patches[idx].reshape(-1, patches.shape[-1])}  # [(K-1) P, D]
+            for k, w in windows.items():
+                memory[f"windows_{k}"] = w[idx].reshape(-1, w.shape[-1])  # [(K-1) W_k, E]
+            own = {k: w[i : i + 1] for k, w in windows.items()}
+            fs_maps.append(self._few_shot_from_memory(patches[i : i + 1], own, memory)[0])
+        fs = torch.stack(fs_maps)  # [K, h, w]
+        grid = (grid + fs) / 2
+        scores = (scores + fs.flatten(1).amax(dim=1)) / 2
+        t4 = time.perf_counter()
+        timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2, "score": t4 - t3}
+        results = self._results(images, scores, grid, digest, timings, used_references=True)
+        return [
+            replace(r, details={**r.details, "reference_count": len(others), "leave_one_out": True})
+            for r, others in zip(results, keep, strict=True)
+        ]
+
+    def _results(
+        self,
+        images: Sequence[np.ndarray],
+        scores: torch.Tensor,
+        grid: torch.Tensor,
+        digest: str,
+        timings: dict[str, float],
+        *,
+        used_references: bool,
+    ) -> list[AnomalyResult]:
+        """Upsample the grid maps ``[B, h, w]`` to each image and wrap ``scores [B]`` as results."""
+        t4 = time.perf_counter()
         maps: list[np.ndarray] = []
         for i, img in enumerate(images):
             up = upsample_map(grid[i].float(), (img.shape[0], img.shape[1])).clamp_(0.0, 1.0)
             maps.append(up.cpu().numpy().astype(np.float32, copy=False))
-        t5 = time.perf_counter()
-        timings = {
-            "text": t1 - t0,
-            "preprocess": t2 - t1,
-            "encode": t3 - t2,
-            "score": t4 - t3,
-            "upsample": t5 - t4,
-        }
+        timings = {**timings, "upsample": time.perf_counter() - t4}
         results = []
         for i, m in enumerate(maps):
             m.setflags(write=False)
@@ -292,7 +362,7 @@ class WinClipDetector(Detector):
                     model=self.model_name,
                     weights=self.weights_tag,
                     prompt_digest=digest,
-                    used_references=references is not None,
+                    used_references=used_references,
                     random_weights=self.random_weights,
                     timings=dict(timings),
                     details={**self._precision_details(), "batch_size": len(images)},

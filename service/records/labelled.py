@@ -38,6 +38,9 @@ class LabelledRecord:
         image_path: absolute path of the kept image (the uploaded bytes), or None when the
             product did not keep images or retention removed the file.
         score: the image score the service answered (None for a refusal, never listed here).
+        prompt_digest, reference_key, precision: what that score was computed with (with
+            method, model and weights: whether the score can stand for the current setup).
+        image_sha256: sha256 of the uploaded bytes.
     """
 
     id: str
@@ -56,6 +59,10 @@ class LabelledRecord:
     reviewed_at: datetime | None
     image_path: Path | None
     map_path: Path | None
+    prompt_digest: str | None = None
+    reference_key: str | None = None
+    precision: str | None = None
+    image_sha256: str | None = None
 
 
 def _engine(database_url: str | None, data_dir: str | Path) -> Engine:
@@ -123,6 +130,10 @@ def reviewed_records(
                         reviewed_at=rec.reviewed_at,
                         image_path=image,
                         map_path=amap,
+                        prompt_digest=rec.prompt_digest,
+                        reference_key=rec.reference_key,
+                        precision=rec.precision,
+                        image_sha256=rec.image_sha256,
                     )
                 )
     finally:

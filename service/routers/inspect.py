@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
+from models.calibration import DEFAULT_SENSITIVITY
 from service.deps import ApiKeyDep, Services, ServicesDep
 from service.errors import ApiError
 from service.imaging import RAW_TYPES, media_type, read_capped, too_large_bytes
@@ -93,7 +94,9 @@ async def read_upload(request: Request, services: Services) -> bytes:
     summary="Inspect one image",
     description="Scores one image of a product. `output=json` (default) answers the score, decision, "
     "anomaly map (8-bit PNG, base64) and regions; `output=png` answers the image with a JET heat map "
-    "(fixed 0..1 scale) and the score written on it (headers X-Anomaly-Score, X-Decision, X-Threshold). "
+    "(fixed 0..1 scale) and the score written on it (headers X-Anomaly-Score, X-Normalized-Score, X-Decision, "
+    "X-Threshold, X-Product-Threshold, X-Threshold-Source). `threshold` is the product threshold (calibrated "
+    "by POST /products/{id}/calibrate, or hand-set) moved by `sensitivity`. "
     "Every answer is recorded (GET /inspections/{id}; id in `inspection_id` and X-Inspection-Id); a "
     "repeated identical image is answered from the result cache (`cached: true`, X-Cache: hit).",
     responses={200: {"content": {"image/png": {"schema": _BINARY}}}, **_ERRORS},
@@ -141,9 +144,26 @@ async def inspect_image(
             examples=["SN-0042"],
         ),
     ] = None,
+    sensitivity: Annotated[
+        float,
+        Query(
+            ge=0.0,
+            le=1.0,
+            description="0.5 (default) decides at the product threshold; higher rejects more parts "
+            "(1: every part), lower fewer (0: only scores of 1.0). Anomalous when normalized_score >= "
+            "1 - sensitivity. A calibrated false-reject promise holds for sensitivity <= 0.5 only.",
+            examples=[0.5],
+        ),
+    ] = DEFAULT_SENSITIVITY,
 ) -> Any:
     params = InspectParams(
-        product=product, method=method, output=output, line=line, station=station, part_id=part_id
+        product=product,
+        method=method,
+        output=output,
+        line=line,
+        station=station,
+        part_id=part_id,
+        sensitivity=sensitivity,
     )
     ins = await services.inspection.run(params, lambda: read_upload(request, services))
     if ins.png is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
@@ -9,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from prompts import ProductRecipe
 from service.deps import ApiKeyDep, ServicesDep
+from service.products import threshold_source
 from service.schemas import (
     UNAUTHORIZED,
     Deleted,
@@ -31,11 +33,19 @@ ProductId = Annotated[
 
 
 def product_out(recipe: ProductRecipe, source: str) -> ProductOut:
-    return ProductOut(**recipe.model_dump(), source=source)  # type: ignore[arg-type]
+    return ProductOut(
+        **recipe.model_dump(),
+        source=source,  # type: ignore[arg-type]
+        threshold_source=threshold_source(recipe),  # type: ignore[arg-type]
+    )
 
 
 def product_info(recipe: ProductRecipe, source: str) -> ProductInfo:
-    return ProductInfo(**recipe.model_dump(), source=source)  # type: ignore[arg-type]
+    return ProductInfo(
+        **recipe.model_dump(),
+        source=source,  # type: ignore[arg-type]
+        threshold_source=threshold_source(recipe),  # type: ignore[arg-type]
+    )
 
 
 @router.get("", response_model=ProductList, summary="All products (built-in, created, overridden)")
@@ -60,7 +70,9 @@ async def get_product(product_id: ProductId, services: ServicesDep) -> ProductOu
     response_model=ProductOut,
     summary="Create a product, replace a created one, or override a built-in",
     description="201 when created, 200 when replaced. A PUT on a built-in id stores an override "
-    "(the built-in file stays untouched; DELETE removes the override).",
+    "(the built-in file stays untouched; DELETE removes the override). A calibrated threshold "
+    "(POST /products/{id}/calibrate) is kept when the body omits `threshold` or repeats the "
+    "calibrated value; any other `threshold` is hand-set and clears the calibration.",
     responses={
         201: {"model": ProductOut, "description": "Created"},
         **error_responses(
@@ -78,7 +90,12 @@ async def put_product(
     product_id: ProductId, body: ProductIn, response: Response, services: ServicesDep
 ) -> ProductOut:
     recipe, source, created = await run_in_threadpool(
-        services.products.put, product_id, body.model_dump(exclude_none=True)
+        functools.partial(
+            services.products.put,
+            product_id,
+            body.model_dump(exclude_none=True),
+            threshold_given="threshold" in body.model_fields_set,
+        )
     )
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return product_out(recipe, source)

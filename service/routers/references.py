@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.deps import ApiKeyDep, ServicesDep
+from service.deps import ApiKeyDep, Services, ServicesDep
 from service.errors import ApiError
 from service.imaging import decode_image, media_type, too_large_bytes
 from service.references import hashes_of
@@ -58,18 +59,26 @@ _UPLOAD_BODY: dict[str, Any] = {
     response_model=ReferencesCreated,
     summary="Register golden (normal) images: the product switches to few-shot",
     description="Multipart, one or more files (field `images`; any file field is taken). The images' "
-    "reference features are computed once for the method and stored; the upload REPLACES the "
-    "product's previous golden set for that method. An identical set already stored (by any "
+    "reference features are computed once for the method and stored, and the uploaded bytes are kept "
+    "(threshold calibration scores them leave-one-out). The upload REPLACES the product's previous "
+    "golden set for that method, or with `append=true` ADDS to it (at most ZSI_MAX_REFERENCE_IMAGES in "
+    "all; the grown set is re-encoded from the kept images). An identical set already stored (by any "
     "process sharing the store) is reused without model work (`computed: false`).",
     responses={
         **_COMMON,
         **error_responses(
-            s400="Not an image, truncated image, or a method without golden images",
+            s400="Not an image, truncated image, a method without golden images, or more files than "
+            "ZSI_MAX_REFERENCE_IMAGES",
+            s409=(
+                "append=true but the stored set's images were not kept (uploaded before images were kept, "
+                "or expired): upload the whole set again",
+                "golden_images_missing",
+            ),
             s413="An image over ZSI_MAX_IMAGE_BYTES, or the body over ZSI_MAX_IMAGE_BYTES x "
             "ZSI_MAX_REFERENCE_IMAGES (payload_too_large); an image over ZSI_MAX_IMAGE_PIXELS "
             "(image_too_large)",
             s415="Not multipart/form-data, or an unsupported image format",
-            s422=("No image file in the upload, or bad parameters", "missing_image"),
+            s422=("No image file in the upload, too many images in all, or bad parameters", "missing_image"),
         ),
         **_STORE_DOWN,
     },
@@ -80,6 +89,13 @@ async def add_references(
     request: Request,
     services: ServicesDep,
     method: Annotated[str | None, Query(description="Method; default: the product's default method.")] = None,
+    append: Annotated[
+        bool,
+        Query(
+            description="Add these images to the product's golden set for the method instead of "
+            "replacing it (images already in the set are skipped)."
+        ),
+    ] = False,
 ) -> ReferencesCreated:
     settings = services.settings
     recipe, _ = await run_in_threadpool(services.products.get, product_id)
@@ -93,11 +109,12 @@ async def add_references(
             415, "unsupported_media_type", "upload golden images as multipart/form-data (field 'images')"
         )
     form = await request.form(max_files=settings.max_reference_images, max_fields=16)
+    blobs: list[bytes] = []
+    images = []
     try:
         uploads = [(name, v) for name, v in form.multi_items() if isinstance(v, UploadFile)]
         if not uploads:
             raise ApiError(422, "missing_image", "no image file in the upload (use field 'images')")
-        images = []
         for i, (_, up) in enumerate(uploads):
             if up.size is not None and up.size > settings.max_image_bytes:
                 raise too_large_bytes(settings.max_image_bytes)
@@ -111,11 +128,24 @@ async def add_references(
                     name=f"image {i} ({up.filename or 'unnamed'})",
                 )
             )
+            blobs.append(data)
     finally:
         await form.close()
     t0 = time.perf_counter()
-    hashes = hashes_of(images)
     store = services.references
+    added = len(images)
+    if append:
+        blobs, images, added = await _with_kept_set(services, product_id, det.model_key, blobs, images)
+    if len(images) > settings.max_reference_images:
+        raise ApiError(
+            422,
+            "too_many_images",
+            f"the golden set would hold {len(images)} images; at most {settings.max_reference_images} "
+            "(ZSI_MAX_REFERENCE_IMAGES)",
+            count=len(images),
+            max_images=settings.max_reference_images,
+        )
+    hashes = hashes_of(images)
     key = store.blob_key(det.model_key, product_id, hashes)
     stored = await run_in_threadpool(store.has_blob, key)
     services.metrics.cache_lookup("references", stored)
@@ -124,7 +154,8 @@ async def add_references(
         services.metrics.references_encoded.labels(method=det.method).inc(len(images))
         key = await run_in_threadpool(store.save, product_id, det, refs)
         hashes = list(refs.image_hashes)
-    await run_in_threadpool(store.set_index_entry, product_id, det, hashes, key)
+    kept = await run_in_threadpool(store.save_images, product_id, blobs)
+    await run_in_threadpool(store.set_index_entry, product_id, det, hashes, key, kept)
     return ReferencesCreated(
         product=product_id,
         method=det.method,
@@ -133,6 +164,44 @@ async def add_references(
         image_hashes=hashes,
         computed=not stored,
         seconds=round(time.perf_counter() - t0, 4),
+        added=added,
+        images_kept=len(kept),
+    )
+
+
+async def _with_kept_set(
+    services: Services, product_id: str, model_key: str, blobs: list[bytes], images: list[np.ndarray]
+) -> tuple[list[bytes], list[np.ndarray], int]:
+    """``?append=true``: the stored set's kept images, then the new ones not already in it (by pixels)."""
+    entry = (await run_in_threadpool(services.references.index, product_id)).get(model_key)
+    if not entry:
+        return blobs, images, len(images)
+    kept = await run_in_threadpool(services.references.kept_images, product_id, model_key)
+    if kept.missing:
+        raise ApiError(
+            409,
+            "golden_images_missing",
+            f"cannot append: {kept.missing} image(s) of the stored golden set were not kept (uploaded "
+            "before golden images were kept, or expired); upload the whole set again without append",
+            missing=kept.missing,
+        )
+    settings = services.settings
+    old_images = [
+        await run_in_threadpool(
+            decode_image,
+            blob,
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
+            name=f"kept golden image {sha[:12]}",
+        )
+        for sha, blob in kept.images
+    ]
+    seen = set(hashes_of(old_images))
+    new = [(b, im) for b, im, h in zip(blobs, images, hashes_of(images), strict=True) if h not in seen]
+    return (
+        [b for _, b in kept.images] + [b for b, _ in new],
+        old_images + [im for _, im in new],
+        len(new),
     )
 
 
@@ -149,6 +218,7 @@ async def list_references(product_id: ProductId, services: ServicesDep) -> Refer
     for entry in index.values():
         hashes = [str(h) for h in entry.get("image_hashes", [])]
         stored = await run_in_threadpool(services.references.has_blob, str(entry.get("key", "")))
+        kept = entry.get("images")
         sets.append(
             ReferenceSetOut(
                 method=str(entry.get("method", "")),
@@ -156,6 +226,7 @@ async def list_references(product_id: ProductId, services: ServicesDep) -> Refer
                 count=len(hashes),
                 image_hashes=hashes,
                 stored=stored,
+                images_kept=len(kept) if isinstance(kept, list) else 0,
             )
         )
     return ReferencesOut(product=product_id, sets=sets)

@@ -159,9 +159,14 @@ def test_post_inspect_is_retried_on_another_replica() -> None:
 
 
 def test_golden_image_uploads_are_not_resent_after_reaching_a_replica() -> None:
-    """Uploads (up to 16 x 20 MiB, encoded by the model) are retried only where nginx could not
-    hand them to a replica at all; once sent, the replica's answer (503 JSON included) goes back."""
-    for path in ("/products/bottle/references", "/products/bottle/references/"):
+    """Uploads (up to 32 x 20 MiB, encoded by the model) and calibrations (a model pass per image) are
+    retried only where nginx could not hand them to a replica at all; once sent, the replica's answer
+    (503 JSON included) goes back."""
+    for path in (
+        "/products/bottle/references",
+        "/products/bottle/references/",
+        "/products/bottle/calibrate",
+    ):
         loc = location_for(path)
         nu = inherited(loc, "proxy_next_upstream")
         assert nu is not None and "non_idempotent" not in nu and "error" in nu
@@ -175,6 +180,7 @@ def test_golden_image_uploads_are_not_resent_after_reaching_a_replica() -> None:
     [
         ("/inspect", MAX_IMAGE + SLACK),
         ("/products/bottle/references", MAX_IMAGE * MAX_REFS + SLACK),
+        ("/products/bottle/calibrate", MAX_IMAGE * MAX_REFS + SLACK),
         ("/products/bottle", MAX_IMAGE + SLACK),
     ],
 )

@@ -24,7 +24,13 @@ CODES = {
     },
     401: {"unauthorized"},
     404: {"unknown_product", "not_found", "unknown_inspection", "image_not_kept", "image_expired"},
-    409: {"builtin_product", "refused_inspection"},
+    409: {
+        "builtin_product",
+        "refused_inspection",
+        "golden_images_missing",
+        "no_good_images",
+        "product_changed",
+    },
     413: {"payload_too_large", "image_too_large"},
     415: {"unsupported_media_type", "unsupported_image_format"},
     422: {
@@ -37,6 +43,9 @@ CODES = {
         "reviewer_required",
         "stream_budget",
         "musc_needs_references",
+        "too_many_images",
+        "too_few_images",
+        "saturated",
     },
     503: {
         "not_ready",

@@ -47,6 +47,7 @@ def test_golden_images_switch_inspect_to_few_shot(app_client):
                 "count": 3,
                 "image_hashes": up["image_hashes"],
                 "stored": True,
+                "images_kept": 3,
             }
         ]
         # another product is untouched

@@ -125,7 +125,8 @@ def test_result_cache_never_serves_a_stale_stream_answer(app_client):
         assert services.result_cache is not None
         body = stream_product(bank=8, min_bank=2, fallback_threshold=1.0)
         client.put("/products/gear", json={**body, "threshold": 1.0})  # everything is accepted
-        post(client, part(1))
+        warm = post(client, part(1))
+        assert warm["threshold_source"] == "stream_fallback" and warm["product_threshold"] == 1.0
         post(client, part(2))
         x = part(7)
         first = post(client, x)
@@ -152,6 +153,7 @@ def test_changeover_guard_and_accept_margin(app_client):
         b = post(client, part(2, defect=True))  # 2 of 2 anomalous: >= half the window seen
         assert b["stream"]["guard"]["tripped"] is True
         assert any("DELETE /products/gear/stream" in w for w in b["stream"]["warnings"])
+        assert b["stream"]["warnings"][0] in b["warnings"]  # the top-level warnings carry it too
         status = client.get("/products/gear/stream").json()
         assert status["guard"]["tripped"] is True and status["warnings"]
         # score 0.1 is normal, but not below 0.5 x (1 - 0.9): it stays out of the bank

@@ -1,0 +1,322 @@
+"""AnomalyDINO detector: golden images -> memory bank (a ReferenceSet), images -> scores and maps.
+
+Scores and maps are anomalib's cosine distances divided by 2 (exactly affine, [0, 2]
+-> [0, 1]); ``details["raw_score"]`` keeps the raw distance score. References are
+REQUIRED: AnomalyDINO has no zero-shot mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.anomalydino.torch_model import (
+    AnomalyDinoModel,
+    AnomalyDinoOutput,
+    PatchFeatures,
+    kcenter_greedy,
+)
+from models.base import (
+    AnomalyResult,
+    Detector,
+    ReferenceSet,
+    ReferencesRequiredError,
+    check_image,
+    image_hash,
+)
+from models.cpu import checked_precision
+from models.dinov2 import Dinov2Backbone, preprocess
+
+if TYPE_CHECKING:
+    from prompts import ProductRecipe
+
+log = logging.getLogger(__name__)
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_IMAGE_SIZE = 252  # anomalib's default; the paper also reports 448 and 672
+#: tokens per backbone pass on CPU: sub-batches of whole images keep activations cache-sized
+#: (about 12 images at 252, 4 at 448, 1 at 672); results do not depend on it
+CPU_TOKENS_PER_PASS = 4096
+PROMPT_DIGEST = "none"  # AnomalyDINO uses no text prompts
+BANK = "bank"  # name of the ReferenceSet array: [M, D] float32 L2-normalised patch features
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        vals = tuple(int(v) for v in image_size)
+        if len(vals) != 2:
+            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+        size = (vals[0], vals[1])
+    return size
+
+
+class AnomalyDinoDetector(Detector):
+    """AnomalyDINO (few-shot) on a timm DINOv2 ViT, numerics of anomalib 2.7 ``AnomalyDINOModel``.
+
+    Holds the model only; memory banks are immutable :class:`ReferenceSet` objects
+    (array ``bank``: ``[M, D]`` float32), so ``predict_batch`` and
+    ``encode_references`` may run concurrently from several threads.
+
+    Args:
+        backbone: loaded DINOv2 (:func:`models.dinov2.create_dinov2`).
+        device: torch device string.
+        image_size: model input size, int or ``(height, width)``; every image is resized
+            to it (bicubic, antialiased). anomalib default 252 (18x18 patches); the paper
+            also reports 448 (32x32) and 672 (48x48): finer detail, about 3x and 7x the
+            tokens of 252.
+        num_neighbours: ``k`` nearest bank patches averaged (anomalib default 1).
+        masking: PCA background masking (anomalib ``masking``; for objects on a plain
+            background, see the paper: it helps some MVTec objects, hurts textures).
+        coreset_subsampling: reduce the bank by greedy k-center coreset at encode time.
+        sampling_ratio: coreset fraction kept (anomalib default 0.1).
+        precision: ``fp32`` (default) or ``bf16`` for the backbone (``fp16`` on CUDA);
+            distances, scores and maps are float32.
+        pass_batch: images per backbone pass (``None``: about 4096 tokens' worth on CPU, the
+            whole batch on GPU).
+    """
+
+    method = "anomalydino"
+    supports_references = True
+
+    def __init__(
+        self,
+        *,
+        backbone: Dinov2Backbone,
+        device: str = "cpu",
+        image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
+        num_neighbours: int = 1,
+        masking: bool = False,
+        coreset_subsampling: bool = False,
+        sampling_ratio: float = 0.1,
+        precision: str = "fp32",
+        pass_batch: int | None = None,
+    ) -> None:
+        self.device = str(device)
+        self.precision_choice = checked_precision(precision, self.device, method=self.method)
+        self.precision = self.precision_choice.effective  # what runs
+        self.image_size = _as_size(image_size)
+        min_side = 2 * backbone.patch_size  # the blur's reflect border needs > 16 px after the crop
+        if min(self.image_size) < min_side:
+            raise ValueError(f"image_size must be at least {min_side} px per side, got {self.image_size}")
+        if int(num_neighbours) < 1:
+            raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
+        if not 0.0 < float(sampling_ratio) <= 1.0:
+            raise ValueError(f"sampling_ratio must be in (0, 1], got {sampling_ratio}")
+        self.backbone = backbone
+        self.model_name = backbone.arch
+        self.weights_tag = backbone.weights_tag
+        self.random_weights = backbone.random_weights
+        self.num_neighbours = int(num_neighbours)
+        self.masking = bool(masking)
+        self.coreset_subsampling = bool(coreset_subsampling)
+        self.sampling_ratio = float(sampling_ratio)
+        on_cpu = not self.device.startswith("cuda")
+        if pass_batch is None and on_cpu:
+            gh, gw = (s // backbone.patch_size for s in self.image_size)
+            pass_batch = max(1, CPU_TOKENS_PER_PASS // (gh * gw))
+        self.pass_batch = pass_batch
+        dtype = _PRECISIONS[self.precision]
+        # a low-precision COPY: the backbone may be shared with an fp32 detector
+        vit = backbone.model if dtype == torch.float32 else copy.deepcopy(backbone.model).to(dtype)
+        self.model = AnomalyDinoModel(
+            vit=vit,
+            patch_size=backbone.patch_size,
+            num_neighbours=self.num_neighbours,
+            masking=self.masking,
+            dtype=dtype,
+        )
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def model_key(self) -> str:
+        """``method/model/weights`` plus what shapes the memory bank (size, masking, coreset).
+
+        A bank encoded at another ``image_size`` or with other masking/coreset settings
+        does not fit, so it is refused (:class:`models.base.ReferenceMismatchError`) and
+        a service recomputes it. ``num_neighbours`` and ``precision`` do not change it.
+        """
+        h, w = self.image_size
+        key = f"{self.method}/{self.model_name}/{self.weights_tag}/{h}x{w}"
+        if self.masking:
+            key += "/masking"
+        if self.coreset_subsampling:
+            key += f"/coreset{self.sampling_ratio:g}"
+        return key
+
+    def prompt_digest(self, object_name: str | None = None, product: ProductRecipe | None = None) -> str:
+        return PROMPT_DIGEST
+
+    def _precision_details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "precision": self.precision,
+            "precision_requested": self.precision_choice.requested,
+        }
+        if self.precision_choice.fallback:
+            out["precision_fallback"] = self.precision_choice.fallback
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            **self._precision_details(),
+            "image_size": list(self.image_size),
+            "num_neighbours": self.num_neighbours,
+            "masking": self.masking,
+            "coreset_subsampling": self.coreset_subsampling,
+            "sampling_ratio": self.sampling_ratio,
+            "requires_references": True,
+        }
+
+    # ------------------------------------------------------------------ features
+    def _chunks(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        n = self.pass_batch or len(images)
+        return [list(images[i : i + n]) for i in range(0, len(images), n)]
+
+    def _extract(self, images: list[np.ndarray]) -> PatchFeatures:
+        pixels = preprocess(images, self.image_size, self.backbone.mean, self.backbone.std, self.device)
+        return self.model.extract(pixels)
+
+    @torch.no_grad()
+    def encode_references(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: ProductRecipe | None = None,
+    ) -> ReferenceSet:
+        """The memory bank of K golden images: their (foreground) patch features, L2-normalised.
+
+        With ``coreset_subsampling`` the bank keeps ``int(M * sampling_ratio)`` patches
+        chosen by greedy k-center (seeded: the same images give the same bank).
+        ``object_name``/``product`` do not matter (no prompts).
+        """
+        if len(images) == 0:
+            raise ValueError("at least one golden (reference) image is needed")
+        for i, img in enumerate(images):
+            check_image(img, f"reference image {i}")
+        bank = AnomalyDinoModel.bank_from([self._extract(chunk) for chunk in self._chunks(images)])
+        if bank.shape[0] == 0:
+            raise ValueError(
+                "background masking removed every patch of the golden images; use masking=False for this product"
+            )
+        if self.coreset_subsampling:
+            bank = bank[kcenter_greedy(bank, self.sampling_ratio)]
+        self.count("references_encoded", len(images))
+        return ReferenceSet(
+            method=self.method,
+            model_key=self.model_key,
+            image_hashes=tuple(image_hash(img) for img in images),
+            arrays={BANK: bank.cpu().numpy().astype(np.float32, copy=False)},
+        )
+
+    def bank_tensor(self, references: ReferenceSet) -> torch.Tensor:
+        """The bank of ``references`` as a float32 ``[M, D]`` tensor on the detector's device."""
+        bank = references.arrays.get(BANK)
+        if bank is None or bank.ndim != 2 or bank.shape[1] != self.backbone.embed_dim:
+            raise ValueError(f"reference set has no [M, {self.backbone.embed_dim}] '{BANK}' array")
+        return torch.tensor(np.asarray(bank), dtype=torch.float32, device=self.device)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        object_name: str | None = None,
+        product: ProductRecipe | None = None,
+        references: ReferenceSet | None = None,
+    ) -> list[AnomalyResult]:
+        """Score ``HWC uint8 RGB`` images (sizes may differ) against the golden-image bank.
+
+        Each result's ``anomaly_map`` is float32 ``(H, W)`` of its image, values in [0, 1]
+        (cosine distance / 2); ``score`` is the mean of the top 1 % patch distances / 2.
+        Timings are per batch.
+
+        Raises:
+            ReferencesRequiredError: ``references`` is None.
+            ReferenceMismatchError: the bank was encoded with another model/size/setting.
+        """
+        if references is None:
+            raise ReferencesRequiredError(
+                "anomalydino compares images with golden images of the product: encode them first "
+                "(detector.encode_references([...])) and pass references=...; in the service, upload "
+                "golden images for the product"
+            )
+        self.check_references(references)
+        if len(images) == 0:
+            return []
+        for i, img in enumerate(images):
+            check_image(img, f"image {i}")
+        t0 = time.perf_counter()
+        bank = self.bank_tensor(references)
+        t_bank = time.perf_counter() - t0
+        t_encode = t_score = 0.0
+        outs: list[AnomalyDinoOutput] = []
+        for chunk in self._chunks(images):
+            ta = time.perf_counter()
+            feats = self._extract(chunk)
+            tb = time.perf_counter()
+            outs.append(self.model.score(feats, bank))
+            t_encode += tb - ta
+            t_score += time.perf_counter() - tb
+        t1 = time.perf_counter()
+        raw_scores = torch.cat([o.pred_score for o in outs])  # [B]
+        raw_maps = torch.cat([o.anomaly_map for o in outs])  # [B, H', W']
+        maps: list[np.ndarray] = []
+        for i, img in enumerate(images):
+            m = raw_maps[i]
+            h, w = int(img.shape[0]), int(img.shape[1])
+            if (h, w) != tuple(m.shape):
+                shrink = h < m.shape[0] or w < m.shape[1]
+                m = F.interpolate(
+                    m[None, None], size=(h, w), mode="bilinear", align_corners=False, antialias=shrink
+                )[0, 0]
+            arr = (m / 2.0).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+            arr.setflags(write=False)
+            maps.append(arr)
+        t2 = time.perf_counter()
+        # "encode" includes preprocessing and masking; "score" the nearest-neighbour search and maps
+        timings = {"bank": t_bank, "encode": t_encode, "score": t_score, "resize": t2 - t1}
+        details_common = {
+            **self._precision_details(),
+            "image_size": list(self.image_size),
+            "num_neighbours": self.num_neighbours,
+            "masking": self.masking,
+            "bank_size": int(bank.shape[0]),
+            "references": references.count,
+            "batch_size": len(images),
+        }
+        results = []
+        for i, amap in enumerate(maps):
+            raw = float(raw_scores[i])
+            results.append(
+                AnomalyResult(
+                    score=min(max(raw / 2.0, 0.0), 1.0),
+                    anomaly_map=amap,
+                    method=self.method,
+                    model=self.model_name,
+                    weights=self.weights_tag,
+                    prompt_digest=PROMPT_DIGEST,
+                    used_references=True,
+                    random_weights=self.random_weights,
+                    timings=dict(timings),
+                    details={**details_common, "raw_score": raw},
+                )
+            )
+        return results
+
+
+__all__ = [
+    "BANK",
+    "DEFAULT_IMAGE_SIZE",
+    "AnomalyDinoDetector",
+]
