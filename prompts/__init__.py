@@ -41,6 +41,11 @@ MAX_DATASET_CHARS = 80
 MIN_TILE = 32
 MAX_TILE = 16384
 
+#: Largest stream bank (images). A MuSc bank image is ~10.7 MiB of fp16 features for CLIP
+#: ViT-L/14 at 518 (~8 MiB for DINOv2 ViT-B/14), and each answer is scored against every bank
+#: image (the scoring cost grows linearly with the bank): 64 is ~685 MiB and ~3 TFLOP per answer.
+MAX_STREAM_BANK = 64
+
 
 class PromptFileError(ValueError):
     """A prompt or product file is missing, not JSON, or does not match its schema."""
@@ -52,6 +57,70 @@ def _check_state(value: str, max_chars: int | None = None) -> str:
     if max_chars is not None and len(value) > max_chars:
         raise ValueError(f"state {value[:40]!r}... is longer than {max_chars} characters")
     return value
+
+
+class StreamConfig(BaseModel):
+    """Stream mode of a product (``stream``): MuSc against a rolling bank of its recent accepted parts.
+
+    The service keeps the features of the last ``bank`` images it judged normal; until the
+    bank holds ``min_bank`` images the ``fallback`` method answers (``warming_up``), and its
+    normal answers fill the bank. See docs/musc.md ("In the service").
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bank: int = Field(
+        default=32,
+        ge=2,
+        le=MAX_STREAM_BANK,
+        description=f"Most images in the bank (the newest accepted parts), 2-{MAX_STREAM_BANK}; also capped "
+        "by the byte budget ZSI_STREAM_MAX_MB.",
+    )
+    min_bank: int = Field(
+        default=8,
+        ge=2,
+        description="Bank images needed before MuSc answers (2..bank); until then the fallback answers "
+        "with warming_up: true. Below 8 MuSc averages fewer than 2 nearest images.",
+    )
+    fallback: str = Field(
+        default="winclip", description="Zero-shot method answering while the bank warms up (not musc)."
+    )
+    fallback_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Threshold of the fallback's answers (its scores are on another scale than MuSc's); "
+        "null = the product threshold.",
+    )
+    accept_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="A normal part enters the bank only when score < threshold x (1 - accept_margin): "
+        "0 = every normal part; e.g. 0.2 keeps borderline parts out of the bank.",
+    )
+    guard_window: int = Field(
+        default=50,
+        ge=0,
+        le=1000,
+        description="Changeover guard: the last N decisions of the product are kept; 0 = off.",
+    )
+    guard_rate: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Warn (answers and GET /products/{id}/stream) when at least this share of the last "
+        "guard_window decisions (at least half the window seen) were anomalous.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StreamConfig:
+        if self.min_bank > self.bank:
+            raise ValueError(f"min_bank ({self.min_bank}) must not exceed bank ({self.bank})")
+        if self.fallback not in METHODS or self.fallback == "musc":
+            others = ", ".join(m for m in METHODS if m != "musc")
+            raise ValueError(f"stream fallback must be one of {others} (a zero-shot method other than musc)")
+        return self
 
 
 class ThresholdCalibration(BaseModel):
@@ -185,6 +254,11 @@ class ProductRecipe(BaseModel):
         description="Keep each inspected image and its anomaly map on disk with the inspection record "
         "(under the records retention limits, docs/records.md).",
     )
+    stream: StreamConfig | None = Field(
+        default=None,
+        description="Stream mode (MuSc against the product's recent accepted parts; needs "
+        "default_method 'musc'); null = off. See docs/musc.md.",
+    )
     calibration: ThresholdCalibration | None = Field(
         default=None,
         description="Provenance of a calibrated threshold (set by POST /products/{id}/calibrate); "
@@ -204,6 +278,18 @@ class ProductRecipe(BaseModel):
         if value is not None and value not in METHODS:
             raise ValueError(f"default_method must be one of {', '.join(METHODS)}")
         return value
+
+    @model_validator(mode="after")
+    def _stream_needs_musc(self) -> ProductRecipe:
+        if self.stream is not None and self.default_method != "musc":
+            raise ValueError(
+                "a stream product is answered by musc: set default_method to 'musc' "
+                f"(got {self.default_method!r}), or drop 'stream'"
+            )
+        if self.stream is not None and self.tiling is not None:
+            # a stream bank holds whole-image features; tiles of one image would score each other
+            raise ValueError("'stream' and 'tiling' cannot be combined: drop one of them")
+        return self
 
     @field_validator("object_name")
     @classmethod
@@ -347,6 +433,7 @@ __all__ = [
     "MAX_EXTRA_STATES",
     "MAX_OBJECT_NAME_CHARS",
     "MAX_STATE_CHARS",
+    "MAX_STREAM_BANK",
     "MAX_TILE",
     "METHODS",
     "MIN_TILE",
@@ -355,6 +442,7 @@ __all__ = [
     "ProductRecipe",
     "PromptEnsemble",
     "PromptFileError",
+    "StreamConfig",
     "ThresholdCalibration",
     "TilingSpec",
     "builtin_products",

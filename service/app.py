@@ -26,6 +26,7 @@ from service.records import RecordService
 from service.references import ReferenceStore
 from service.result_cache import ResultCache
 from service.routers import calibration, health, inspect, inspections, metrics, products, references, system
+from service.routers import stream as stream_router
 from service.schemas import DEMO_WARNING
 from service.settings import Settings, resolve_device
 
@@ -315,6 +316,7 @@ def create_app(
         inspections.router,
         products.router,
         references.router,
+        stream_router.router,
         calibration.router,
         system.router,
         metrics.router,

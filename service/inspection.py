@@ -55,6 +55,7 @@ from service.queue import QueueClosed, QueueFull, QueueTimeout, batch_key
 from service.records.draft import RecordDraft, recipe_digest
 from service.result_cache import CachedResult, encode_entry
 from service.schemas import DEMO_WARNING
+from service.stream import StreamRun, StreamService
 from service.text_work import TextTimeout, TextWork
 from service.tiling import check_tiles, tiling_config
 
@@ -90,7 +91,7 @@ class Decision:
 
     threshold: float  # effective: decide ``score >= threshold``
     product_threshold: float
-    source: str  # generic | product | calibrated
+    source: str  # generic | product | calibrated | stream_fallback
     sensitivity: float
     calibration: dict[str, Any] | None  # summary of a calibrated threshold's provenance
 
@@ -105,6 +106,17 @@ class Decision:
             source=source,
             sensitivity=sensitivity,
             calibration=calibration_summary(cal.model_dump(mode="json")) if cal is not None else None,
+        )
+
+    @classmethod
+    def stream_fallback(cls, threshold: float, sensitivity: float) -> Decision:
+        """A stream product warming up: its fallback decides on ``stream.fallback_threshold``."""
+        return cls(
+            threshold=effective_threshold(threshold, sensitivity),
+            product_threshold=threshold,
+            source="stream_fallback",
+            sensitivity=sensitivity,
+            calibration=None,
         )
 
     def provenance(self, warnings: list[str]) -> dict[str, Any]:
@@ -191,6 +203,7 @@ class Inspection:
     normalized_score: float = 0.0
     warnings: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    stream: StreamRun | None = None
 
 
 class _Clock:
@@ -215,9 +228,11 @@ class InspectionFlow:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.text_work = TextWork()  # prompt encoding, off the models' batch workers
+        self.stream = StreamService(services)  # stream products' banks (service/stream.py)
 
     def close(self) -> None:
         self.text_work.close()
+        self.stream.close()
 
     # ------------------------------------------------------------ resolution
     async def resolve(self, params: InspectParams) -> tuple[ProductRecipe | None, LoadedMethod]:
@@ -226,6 +241,8 @@ class InspectionFlow:
         if params.product is not None:
             recipe, _ = await run_in_threadpool(self.services.products.get, params.product)
         method_name = params.method or await self.default_method(recipe)
+        if recipe is not None and self.stream.applies(recipe, method_name):
+            return recipe, self.stream.musc_for(recipe)  # 503 stream_unavailable without musc
         return recipe, self.services.loaded_method(method_name)
 
     async def default_method(self, recipe: ProductRecipe | None) -> str:
@@ -337,8 +354,16 @@ class InspectionFlow:
         settings = services.settings
         clock = _Clock()
         recipe, loaded = await self.resolve(params)
+        stream: StreamRun | None = None
+        if recipe is not None and self.stream.applies(recipe, loaded.method):
+            # a stream product: musc against the bank, or its fallback while the bank warms up
+            stream = await self.stream.start(recipe, loaded)
+            loaded = stream.answering
+            draft.stream_mode, draft.bank_size = stream.mode, stream.size  # a refusal records them too
         det = self.detector_for(loaded, recipe)
         rule = Decision.of(recipe, params.sensitivity)
+        if stream is not None and stream.threshold is not None:
+            rule = Decision.stream_fallback(stream.threshold, params.sensitivity)  # the fallback's scale
         threshold = rule.threshold
         demo = det.random_weights or services.demo
         draft.method, draft.model, draft.weights, draft.demo = (
@@ -358,16 +383,23 @@ class InspectionFlow:
         clock.lap("read")
 
         references, ref_key = None, None
-        if recipe is not None and det.supports_references:
+        if recipe is not None and det.supports_references and (stream is None or stream.mode == "warming_up"):
             references, ref_key = await run_in_threadpool(services.references.lookup, recipe.id, det)
             services.metrics.cache_lookup("references", references is not None)
         draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
         draft.reference_count = references.count if references is not None else 0
-        if references is None and _requires_references(det):
-            raise await self._references_required(loaded.method, det, recipe)
+        if stream is None:
+            if references is None and _requires_references(det):
+                raise await self._references_required(loaded.method, det, recipe)
+            self.stream.check_plain_musc(loaded.method, recipe, references)  # 422: nothing to score against
+        elif stream.mode == "stream":
+            draft.reference_key, draft.reference_count = stream.reference_key, stream.size
         clock.lap("references")
 
-        cache_key, hit = await run_in_threadpool(self._cache_lookup, det, data, recipe, ref_key, draft)
+        # stream answers depend on the bank (and feed it): never from the result cache
+        cache_key, hit = await run_in_threadpool(
+            self._cache_lookup, det, data, recipe, ref_key, draft, stream is None
+        )
         if hit is not None and hit.image_width * hit.image_height > settings.max_image_pixels:
             hit = None  # the pixel limit was lowered since: decode (and refuse) as usual
         clock.lap("cache")
@@ -395,13 +427,27 @@ class InspectionFlow:
             assert image is not None
             timeout_s = settings.request_timeout_s - await self._prepare_text(loaded, recipe)
             clock.lap("prompts")
-            result, qinfo = await self._submit(loaded, image, recipe, references, ref_key, timeout_s)
+            if stream is not None:
+                result, qinfo = await self.stream.score(
+                    stream,
+                    image,
+                    timeout_s,
+                    lambda: self._submit(loaded, image, recipe, references, ref_key, timeout_s),
+                )
+            else:
+                result, qinfo = await self._submit(loaded, image, recipe, references, ref_key, timeout_s)
         clock.stages["queue_wait"] = qinfo["queue_wait"]
         clock.stages["inference"] = qinfo["inference"]
         clock.last = time.perf_counter()
 
         decision: Literal["anomalous", "normal"] = "anomalous" if result.score >= threshold else "normal"
         warnings, stale = self.warnings_for(recipe, rule, result, draft.reference_key, settings.precision)
+        if stream is not None:
+            await self.stream.finish(stream, result, decision, threshold)  # accepted parts join the bank
+            if stream.mode == "stream":
+                draft.reference_count = stream.scored_against
+            draft.stream_mode, draft.bank_size = stream.mode, stream.bank_size
+            clock.lap("stream")
         inspection = Inspection(
             params=params,
             recipe=recipe,
@@ -418,6 +464,7 @@ class InspectionFlow:
             normalized_score=normalize_score(float(result.score), rule.product_threshold),
             warnings=warnings,
             stale=stale,
+            stream=stream,
         )
         if params.output == "png":
             assert image is not None
@@ -455,11 +502,12 @@ class InspectionFlow:
         recipe: ProductRecipe | None,
         ref_key: str | None,
         draft: RecordDraft,
+        use_cache: bool = True,
     ) -> tuple[str | None, CachedResult | None]:
         """Hash the upload (for the record and the key) and look the result up (worker thread)."""
         draft.image_sha256 = hashlib.sha256(data).hexdigest()
         cache = self.services.result_cache
-        if cache is None:
+        if cache is None or not use_cache:
             return None, None
         settings = self.services.settings
         key = cache.key(
@@ -675,6 +723,13 @@ class InspectionFlow:
             "inspection_id": ins.record_id,
             "cached": ins.cached,
         }
+        if ins.stream is not None:
+            body["warnings"] = [*body.get("warnings", []), *ins.stream.warnings]
+            body["warming_up"] = ins.stream.mode == "warming_up"
+            body["bank_size"] = ins.stream.bank_size
+            body["stream"] = ins.stream.info()
+            if ins.stream.mode == "stream":
+                body["reference_count"] = ins.stream.scored_against
         if ins.demo:
             body["demo"] = True
             body["warning"] = DEMO_WARNING
@@ -692,6 +747,7 @@ class InspectionFlow:
             "inference": t.get("inference", 0.0),
             **{f"model_{k}": float(v) for k, v in ins.result.timings.items()},
             "cache": t.get("cache", 0.0),
+            **({"stream": t["stream"]} if "stream" in t else {}),  # bank append + guard
             "render": t.get("render", 0.0),
             "record": t.get("record", 0.0),
             "total": t.get("total", 0.0),
@@ -716,6 +772,9 @@ class InspectionFlow:
             headers["X-Sensitivity"] = f"{ins.rule.sensitivity:g}"
         if ins.stale:
             headers["X-Calibration-Stale"] = ",".join(s.replace(" ", "-") for s in ins.stale)
+        if ins.stream is not None:
+            headers["X-Stream-Mode"] = ins.stream.mode
+            headers["X-Bank-Size"] = str(ins.stream.bank_size)
         if not ins.recorded:
             headers["X-Record"] = "dropped"
         if ins.demo:

@@ -11,6 +11,7 @@ from prompts import (
     MAX_EXTRA_STATES,
     MAX_OBJECT_NAME_CHARS,
     MAX_STATE_CHARS,
+    StreamConfig,
     ThresholdCalibration,
     TilingSpec,
 )
@@ -150,9 +151,10 @@ class InspectResponse(Tagged):
     product_threshold: float = Field(
         description="The product's threshold (calibrated, hand-set, or the generic 0.5 without a product)."
     )
-    threshold_source: Literal["generic", "product", "calibrated"] = Field(
-        description="generic (no product: 0.5), product (the recipe's, set by hand) or calibrated "
-        "(POST /products/{id}/calibrate; see `calibration`)."
+    threshold_source: Literal["generic", "product", "calibrated", "stream_fallback"] = Field(
+        description="generic (no product: 0.5), product (the recipe's, set by hand), calibrated "
+        "(POST /products/{id}/calibrate; see `calibration`) or stream_fallback (a stream product warming "
+        "up: its stream.fallback_threshold)."
     )
     sensitivity: float = Field(
         description="The request's sensitivity in [0, 1]: 0.5 decides at the product threshold, higher "
@@ -193,6 +195,20 @@ class InspectResponse(Tagged):
     cached: bool = Field(
         default=False,
         description="True when the result came from the per-image result cache (no model pass; X-Cache: hit).",
+    )
+    warming_up: bool | None = Field(
+        default=None,
+        description="Stream products only: true while the bank holds fewer than min_bank images (the "
+        "fallback method answered), false when MuSc answered against the bank; null otherwise.",
+    )
+    bank_size: int | None = Field(
+        default=None, description="Stream products only: images in the product's bank after this answer."
+    )
+    stream: dict[str, Any] | None = Field(
+        default=None,
+        description="Stream products only: mode, bank_size, scored_against, min_bank, capacity, fallback, "
+        "appended (added, duplicate, rejected_anomalous, rejected_margin, skipped_*), store_available, "
+        "guard, warnings (docs/musc.md).",
     )
 
 
@@ -253,6 +269,12 @@ class ProductIn(BaseModel):
     keep_images: bool = Field(
         default=False, description="Keep inspected images and maps with their records (docs/records.md)."
     )
+    stream: StreamConfig | None = Field(
+        default=None,
+        description="Stream mode (needs default_method 'musc'): MuSc scores each part against the bank of the "
+        "last accepted parts; the fallback answers until min_bank. Null = off. docs/musc.md.",
+        examples=[{"bank": 32, "min_bank": 8, "fallback": "winclip"}],
+    )
 
 
 class ProductInfo(BaseModel):
@@ -268,6 +290,7 @@ class ProductInfo(BaseModel):
     tiling: TilingSpec | None = None
     saa: dict[str, Any] | None = None
     keep_images: bool = False
+    stream: StreamConfig | None = None
     source: Literal["builtin", "custom", "override"] = Field(
         description="builtin (prompts/), custom (created through the API) or override (PUT on a built-in id)."
     )
@@ -292,6 +315,62 @@ class ProductList(Tagged):
 class Deleted(Tagged):
     id: str
     deleted: str = Field(description="What was removed: 'custom' product or 'override'.")
+
+
+class StreamEntryOut(BaseModel):
+    hash: str = Field(description="Pixel hash of the bank image (sha256_16 of its /inspect answer).")
+    added_at: str = Field(description="When it entered the bank, ISO 8601 UTC.")
+    bytes: int = Field(description="Stored bytes of its features.")
+
+
+class StreamOut(Tagged):
+    """A product's stream bank (``GET /products/{id}/stream``)."""
+
+    model_config = ConfigDict(extra="allow")
+    product: str
+    enabled: bool = Field(description="The product has a 'stream' setting.")
+    settings: StreamConfig | None
+    mode: Literal["warming_up", "stream", "off"] = Field(
+        description="warming_up: fewer than min_bank images (the fallback answers); stream: MuSc answers."
+    )
+    warming_up: bool
+    size: int = Field(description="Images in the bank now.")
+    min_bank: int | None
+    capacity: int = Field(description="Most images it may hold: min(stream.bank, ZSI_STREAM_MAX_MB / entry).")
+    method: str
+    model_key: str = Field(
+        description="The MuSc features the bank holds (another model starts another bank)."
+    )
+    bank_key: str | None = Field(description="Hash of the current bank state (records' reference_key).")
+    epoch: int = Field(description="Resets so far (DELETE bumps it).")
+    bytes: int = Field(description="Stored bytes of the bank.")
+    bytes_per_image: int
+    budget_bytes: int = Field(
+        description="This product's byte budget: capacity x (bytes per image + header)."
+    )
+    max_bytes: int = Field(description="ZSI_STREAM_MAX_MB in bytes (per product).")
+    total_bytes: int | None = Field(description="Bytes of all stream banks in the store (null: unknown).")
+    total_budget_bytes: int = Field(description="ZSI_STREAM_TOTAL_MB in bytes.")
+    oldest_added_at: str | None
+    newest_added_at: str | None
+    entries: list[StreamEntryOut] = Field(description="Oldest first.")
+    image_hashes: list[str]
+    store: str = Field(description="redis (shared by every replica) or files (ZSI_DATA_DIR/stream).")
+    store_available: bool = Field(
+        description="False: the store is down; this shows this replica's last copy."
+    )
+    local_copy: int = Field(description="Bank images this replica holds decoded.")
+    guard: dict[str, Any] = Field(
+        description="Changeover guard: window, seen, anomalous, anomalous_rate, limit, tripped."
+    )
+    appends_this_replica: dict[str, int] = Field(description="Append results counted by this process.")
+    warnings: list[str]
+
+
+class StreamDeleted(Tagged):
+    product: str
+    deleted_images: int = Field(description="Bank images removed (every model's bank of the product).")
+    epoch: int = Field(description="The new reset count: answers prepared before it add nothing.")
 
 
 class ReferenceSetOut(BaseModel):
@@ -516,6 +595,10 @@ class InspectionOut(BaseModel):
     regions_truncated: bool
     cached: bool = Field(description="Answered from the result cache (no model pass).")
     batch_size: int
+    stream_mode: str | None = Field(
+        default=None, description="Stream products: warming_up (the fallback answered) or stream (MuSc)."
+    )
+    bank_size: int | None = Field(default=None, description="Stream products: bank images after this answer.")
     timings_ms: dict[str, float] | None
     image: RecordImage
     line: str | None

@@ -124,6 +124,20 @@ class Settings(BaseSettings):
     result_cache_max_entry_kb: int = Field(
         default=4096, ge=1, description="Results whose stored map is larger are not cached."
     )
+    # -- stream mode (MuSc against each product's recent accepted parts; docs/musc.md) --
+    stream_max_mb: float = Field(
+        default=512.0,
+        gt=0,
+        description="Byte budget of ONE stream product's bank (fp16 features, one key per image): it holds at "
+        "most min(stream.bank, this / bytes per image) images, the oldest evicted first. 512 MiB = 47 "
+        "CLIP ViT-L/14@518 images (10.7 MiB each) or 63 DINOv2 ViT-B/14 (8.0 MiB).",
+    )
+    stream_total_mb: float = Field(
+        default=4096.0,
+        gt=0,
+        description="Budget of ALL stream banks together in the shared store (an append that would exceed "
+        "it is skipped, counted and warned about), and of the decoded bank copies each replica keeps in RAM.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the service's own loggers (third-party ones: WARNING)."
     )

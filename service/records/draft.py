@@ -60,6 +60,8 @@ class RecordDraft:
     cached: bool = False
     batch_size: int = 0
     timings_ms: dict[str, float] | None = None
+    stream_mode: str | None = None
+    bank_size: int | None = None
     image_sha256: str | None = None
     image_bytes: int | None = None
     image_width: int | None = None

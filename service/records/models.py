@@ -78,6 +78,9 @@ class InspectionRecord(Base):
     cached: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     batch_size: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     timings_ms: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    # stream products (docs/musc.md): who answered and the bank size after the answer
+    stream_mode: Mapped[str | None] = mapped_column(String(16), comment="warming_up | stream (else null)")
+    bank_size: Mapped[int | None] = mapped_column(Integer)
     # the image
     image_sha256: Mapped[str | None] = mapped_column(String(64), comment="sha256 of the uploaded bytes")
     image_bytes: Mapped[int | None] = mapped_column(Integer)

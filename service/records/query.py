@@ -202,6 +202,8 @@ def record_dict(rec: InspectionRecord) -> dict[str, Any]:
         "cached": rec.cached,
         "batch_size": rec.batch_size,
         "timings_ms": rec.timings_ms,
+        "stream_mode": rec.stream_mode,
+        "bank_size": rec.bank_size,
         "image": {
             "sha256": rec.image_sha256,
             "bytes": rec.image_bytes,
@@ -236,6 +238,8 @@ CSV_COLUMNS = (
     "decision",
     "regions",
     "cached",
+    "stream_mode",
+    "bank_size",
     "line",
     "station",
     "part_id",

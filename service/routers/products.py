@@ -115,4 +115,5 @@ async def delete_product(product_id: ProductId, services: ServicesDep) -> Delete
     source = await run_in_threadpool(services.products.delete, product_id)
     if source == "custom":
         await run_in_threadpool(services.references.clear, product_id)
+        await services.inspection.stream.forget(product_id)  # its stream bank too
     return Deleted(id=product_id, deleted=source)

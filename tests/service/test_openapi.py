@@ -41,6 +41,8 @@ CODES = {
         "invalid_product_id",
         "invalid_cursor",
         "reviewer_required",
+        "stream_budget",
+        "musc_needs_references",
         "too_many_images",
         "too_few_images",
         "saturated",
@@ -53,6 +55,8 @@ CODES = {
         "store_unavailable",
         "shutting_down",
         "records_unavailable",
+        "stream_unavailable",
+        "stream_fallback_unavailable",
     },
     504: {"timeout"},
 }
