@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from models.base import RANDOM_INIT, WeightsError, check_image
-from models.checkpoints import read_state_dict
+from models.checkpoints import load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +62,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str) -> None:
     """Load ``state`` strictly; a clear :class:`WeightsError` when it does not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            )
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise WeightsError(
-            f"weights file {source} does not fit architecture {model_name}: " + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=True)
+    load_strict(model, state, source, model_name)
 
 
 def create_clip(

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from models import checkpoints
 from models.base import RANDOM_INIT, WeightsError, check_image
 from models.checkpoints import read_state_dict
 
@@ -129,41 +130,16 @@ def build_model(arch: str, *, pretrained: bool = False) -> nn.Module:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``torch.save`` state dict (``weights_only=True``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path), device="cpu"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
     return read_state_dict(path)
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, arch: str) -> None:
     """Load ``state`` into ``model``: every key present, none extra, same shapes; else ``WeightsError``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} "
-                f"vs model {tuple(own[k].shape)}"
-            )
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise WeightsError(
-            f"weights file {source} does not fit architecture {arch} (expected a timm-format state dict, "
-            f"e.g. the hub's timm/{arch_spec(arch).timm_name}.lvd142m model.safetensors): " + "; ".join(parts)
-        )
-    model.load_state_dict(dict(state), strict=True)
+    hint = (
+        f" (expected a timm-format state dict, e.g. the hub's timm/{arch_spec(arch).timm_name}.lvd142m "
+        "model.safetensors)"
+    )
+    checkpoints.load_strict(model, state, source, arch, hint=hint)
 
 
 def create_dinov2(
