@@ -222,9 +222,11 @@ def preprocess(
 ) -> torch.Tensor:
     """``HWC uint8 RGB`` images -> ``[B, 3, size[0], size[1]]`` float32, ImageNet-normalised.
 
-    Pixels scaled to [0, 1], resized bicubic with antialias (torchvision ``Resize(...,
-    antialias=True, interpolation=BICUBIC)`` on a float tensor; no aspect keep; skipped
-    when the image already has that size), then ``(x - mean) / std``.
+    Each image alone, as anomalib 2.7 reads it (``read_image(as_tensor=True)``: torchvision
+    ``to_dtype(scale=True)``, i.e. ``x * (1 / 255)`` in float32, not ``x / 255``) and
+    pre-processes it: resized bicubic with antialias (torchvision ``Resize(...,
+    antialias=True, interpolation=BICUBIC)`` on the float tensor; no rounding; no aspect
+    keep; skipped when the image already has that size), then ``(x - mean) / std``.
     """
     batch = []
     for i, img in enumerate(images):
@@ -232,7 +234,8 @@ def preprocess(
         arr = np.ascontiguousarray(img)
         if not arr.flags.writeable:  # torch.from_numpy needs a writable buffer
             arr = arr.copy()
-        t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)  # [1, 3, H, W] in [0, 1]
+        t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, H, W]
+        t = t.mul_(1.0 / 255)  # in [0, 1], as torchvision to_dtype(scale=True)
         if tuple(t.shape[-2:]) != tuple(size):
             t = F.interpolate(t, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
         batch.append(t)

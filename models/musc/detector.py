@@ -40,7 +40,7 @@ from models.base import (
     check_image,
     image_hash,
 )
-from models.clip_backbone import OPENAI_MEAN, OPENAI_STD
+from models.clip_backbone import OPENAI_MEAN, OPENAI_STD, normalise, pil_resize
 from models.cpu import checked_precision
 from models.musc.bank import check_bank
 from models.musc.torch_model import (
@@ -76,22 +76,24 @@ def preprocess_images(
     interpolation: str,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """``HWC uint8 RGB`` images -> normalised ``[B, 3, size, size]`` float32.
+    """``HWC uint8 RGB`` images -> normalised ``[B, 3, size, size]`` float32, as the official code.
 
-    As the official datasets: a square resize to ``size`` (no aspect keep; CLIP: bicubic,
-    DINO: bilinear; with antialias, like PIL), then mean/std.
+    Each image alone, as the official datasets' torchvision transforms on the PIL image:
+    ``Resize((size, size))`` = PIL's resize of the **uint8** image with PIL's rounding
+    (``interpolation``: CLIP ``bicubic``, open_clip ``image_transform``; DINOv2 ``bilinear``,
+    the datasets' own ``Resize``), ``CenterCrop`` (a no-op after it), ``ToTensor``
+    (``/ 255``), ``Normalize``. Any size and aspect ratio: the image is squashed to a
+    square, as in the official code.
     """
     batch = []
     for i, img in enumerate(images):
         check_image(img, f"image {i}")
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0).float().div(255.0)
-        if t.shape[-2:] != (size, size):
-            t = F.interpolate(t, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
-        batch.append(t)  # [1, 3, S, S]
-    x = torch.cat(batch).to(device)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+        resized = np.ascontiguousarray(pil_resize(img, size, size, interpolation))  # [S, S, 3] uint8
+        if not resized.flags.writeable:  # torch.from_numpy wants a writeable buffer
+            resized = resized.copy()
+        t = torch.from_numpy(resized).permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
+        batch.append(t)  # [1, 3, S, S] in [0, 1]
+    return normalise(torch.cat(batch), mean, std).to(device)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+from torchvision.transforms.v2.functional import to_dtype, to_image
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -36,13 +38,16 @@ def pos_embed_without_antialias() -> Iterator[None]:
 
 
 def pixels(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-    """anomalib's pre-processor: uint8 -> [0, 1] float, Resize(bicubic, antialias), Normalize."""
+    """anomalib 2.7, per image: ``read_image(as_tensor=True)`` (``to_dtype(to_image(pil),
+    float32, scale=True)``), then the pre-processor: Resize(bicubic, antialias), Normalize."""
     tr = Compose(
         [Resize(size, antialias=True, interpolation=InterpolationMode.BICUBIC), Normalize(MEAN, STD)]
     )
-    return torch.cat(
-        [tr(torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 255) for im in images]
-    )
+    out = []
+    for im in images:
+        x = to_dtype(to_image(Image.fromarray(np.asarray(im)).convert("RGB")), torch.float32, scale=True)
+        out.append(tr(x)[None])  # [1, 3, h, w]
+    return torch.cat(out)
 
 
 def crop(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

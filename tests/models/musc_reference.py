@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,6 +34,36 @@ def ref_pixels(images: list[np.ndarray], mean: tuple[float, ...], std: tuple[flo
             t[c] = (t[c] - mean[c]) / std[c]
         out.append(t)
     return torch.stack(out)
+
+
+def official_pixels(images: list[np.ndarray], kind: str, size: int) -> torch.Tensor:
+    """The official datasets' transforms on PIL images (torchvision on PIL: uint8 resize, PIL rounding).
+
+    ``clip``: the bundled open_clip ``image_transform(S, is_train=False)``: ``Resize((S, S),
+    BICUBIC)``, ``CenterCrop((S, S))``, RGB, ``ToTensor``, ``Normalize`` (OpenAI).
+    ``dinov2``: ``datasets/mvtec.py`` without a CLIP transform: ``Resize((S, S))`` (bilinear),
+    ``CenterCrop(S)``, ``ToTensor``, ``Normalize`` (ImageNet), on ``convert("RGB")``.
+    """
+    if kind == "clip":
+        transform = T.Compose(
+            [
+                T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop((size, size)),
+                lambda im: im.convert("RGB"),
+                T.ToTensor(),
+                T.Normalize(OPENAI_MEAN, OPENAI_STD),
+            ]
+        )
+    else:
+        transform = T.Compose(
+            [
+                T.Resize((size, size)),
+                T.CenterCrop(size),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+    return torch.stack([transform(Image.fromarray(img).convert("RGB")) for img in images])
 
 
 def ref_resized_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -206,11 +238,17 @@ def ref_musc(
     """``(maps (N, S, S) float64, scores before RsCIN (N,), RsCIN scores (N,))`` as ``musc.py``.
 
     ``model``: ``clip.visual`` (``kind="clip"``) or the DINOv2 ViT (``kind="dinov2"``).
+    ``images``: at ``image_size`` (ToTensor + Normalize), or any sizes (:func:`official_pixels`).
     """
-    if kind == "clip":
-        tokens, cls = ref_encode(model, ref_pixels(images, OPENAI_MEAN, OPENAI_STD), out_layers)
+    if all(img.shape[:2] == (image_size, image_size) for img in images):
+        mean, std = (OPENAI_MEAN, OPENAI_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+        pixels = ref_pixels(images, mean, std)
     else:
-        tokens, cls = ref_encode_dinov2(model, ref_pixels(images, IMAGENET_MEAN, IMAGENET_STD), out_layers)
+        pixels = official_pixels(images, kind, image_size)
+    if kind == "clip":
+        tokens, cls = ref_encode(model, pixels, out_layers)
+    else:
+        tokens, cls = ref_encode_dinov2(model, pixels, out_layers)
     maps_r = []
     for r in r_list:
         feats = ref_lnamd(tokens, r)

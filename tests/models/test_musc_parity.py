@@ -164,3 +164,59 @@ def test_rscin_function_matches_the_official_mmo_on_its_own() -> None:
     for k_list in ([1, 2, 3], [1, 8, 9], [12]):
         ours = rscin(torch.tensor(scores), torch.tensor(emb), k_list).numpy()
         np.testing.assert_allclose(ours, ref_rscin(scores, emb, k_list), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- camera sizes
+#: (height, width): 4:3 line-camera frames and odd portrait ones, mixed in one batch
+CAMERA_SIZES = [(480, 640), (517, 333)]
+
+
+@pytest.fixture(scope="module")
+def camera_images() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    out = []
+    for i in range(N):
+        h, w = CAMERA_SIZES[i % 2]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = 110 + 60 * np.sin(xx / 19.0)[..., None] + 40 * np.cos(yy / 13.0)[..., None]
+        img = base + rng.normal(0, 30, (h, w, 3))
+        img[h // 3 : h // 3 + 40 + 10 * i, w // 4 : w // 2] = 245  # a bright part; edges resize differently
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+def test_pixels_equal_the_official_transforms_at_camera_sizes(
+    kind: str, det: MuscDetector, camera_images: list[np.ndarray]
+) -> None:
+    """PIL resize of the uint8 image (bicubic for CLIP, bilinear for DINOv2), PIL's rounding."""
+    from tests.models.musc_reference import official_pixels
+
+    got = det.pixels(camera_images)
+    want = official_pixels(camera_images, kind, SIZE)
+    assert got.shape == want.shape == (N, 3, SIZE, SIZE)
+    assert torch.equal(got, want)
+
+
+def test_batch_mode_at_camera_sizes_matches_the_official_code(
+    kind: str, det: MuscDetector, camera_images: list[np.ndarray]
+) -> None:
+    enc: Any = det.encoder
+    ref_maps, ref_scores, ref_rs = ref_musc(
+        enc.visual if kind == "clip" else enc.model,
+        camera_images,
+        kind=kind,
+        out_layers=list(det.feature_layers),
+        r_list=[1, 3, 5],
+        image_size=SIZE,
+        k_list=[1, 2, 3],
+    )
+    normed, emb = det.features(camera_images)
+    out = det.score_features(normed, emb)
+    np.testing.assert_allclose(out.maps.numpy(), ref_maps, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out.image_scores.numpy(), ref_scores, rtol=0, atol=1e-5)
+    assert out.rscin_scores is not None
+    np.testing.assert_allclose(out.rscin_scores.numpy(), ref_rs, rtol=0, atol=1e-5)
+    for i, r in enumerate(det.predict_batch(camera_images)):
+        assert r.anomaly_map.shape == camera_images[i].shape[:2]
+        assert r.score == pytest.approx(float(ref_rs[i]), abs=1e-5)
+        assert r.details["raw_score"] == pytest.approx(float(ref_scores[i]), abs=1e-5)
