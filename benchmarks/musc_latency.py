@@ -96,7 +96,14 @@ def with_precision(det: MuscDetector, precision: str) -> MuscDetector:
 
 def run_backbone(name: str, args: argparse.Namespace) -> None:
     t = time.perf_counter()
-    det = build_musc(weights=RANDOM_INIT, device=args.device, backbone=name, image_size=args.image_size)
+    # the bank as the service stores it (float16; the model default float32 is exact)
+    det = build_musc(
+        weights=RANDOM_INIT,
+        device=args.device,
+        backbone=name,
+        image_size=args.image_size,
+        bank_dtype="float16",
+    )
     print(f"\n== {name}: RANDOM weights (timing only), build {time.perf_counter() - t:.1f} s")
     n_tokens = det.grid[0] * det.grid[1]
     print(

@@ -41,11 +41,23 @@ product to few-shot, and set its threshold from good images at a target false-re
 """
 
 
+#: how the service stores MuSc bank features: float16, half the bytes of the model's exact
+#: float32 default (the budgets in docs/musc.md are counted in it; maps within ~2e-3)
+MUSC_BANK_DTYPE = "float16"
+
+
+def storage_options(method: str) -> dict[str, Any]:
+    """How the service keeps a method's references (real and demo models alike)."""
+    if method == "musc":
+        return {"bank_dtype": MUSC_BANK_DTYPE}
+    return {}
+
+
 def method_options(method: str, settings: Settings) -> dict[str, Any]:
     """The service's options of one method (real models only; demo mode keeps the tiny config)."""
     if method == "anomalydino":
         return {"image_size": settings.anomalydino_image_size}
-    return {}
+    return storage_options(method)
 
 
 def default_detector_factory(method: str, *, settings: Settings, device: str, cache: ArrayCache) -> Detector:
@@ -53,7 +65,7 @@ def default_detector_factory(method: str, *, settings: Settings, device: str, ca
     import models
 
     if settings.demo:
-        return models.load_tiny_detector(method, device=device, cache=cache)
+        return models.load_tiny_detector(method, device=device, cache=cache, **storage_options(method))
     return models.load_detector_from_dir(
         method,
         settings.weights_dir,

@@ -61,6 +61,7 @@ from models.weights import (
     load_manifest,
     names_for_method,
 )
+from prompts import METHODS
 
 USER_AGENT = "zeroshot-inspect-weights/0.1"
 CHUNK = 1 << 16
@@ -572,14 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--method",
             action="append",
-            choices=["winclip", "anomalyclip", "saa_plus"],
+            choices=list(METHODS),
             help="every file a method uses (repeatable)",
         )
         p.add_argument("--all", action="store_true", help="every entry of the manifest")
         p.add_argument(
             "--optional",
             action="store_true",
-            help="with --method/--all: also alternatives (SAM vit_l, vit_b)",
+            help="with --method/--all: also alternatives (SAM vit_l, vit_b; MuSc's DINOv2 ViT-B/14)",
         )
 
     p_list = sub.add_parser("list", help="what exists, sizes, licences, present or not")

@@ -184,7 +184,7 @@ def build_musc(
     topmin_max: float = TOPMIN_MAX,
     rscin_k: tuple[int, ...] = RSCIN_K,
     precision: str = "fp32",
-    bank_dtype: str = "float16",
+    bank_dtype: str = "float32",
     seed: int = 0,
     **_: Any,
 ) -> MuscDetector:
@@ -202,7 +202,8 @@ def build_musc(
             ``rscin_k=(1, 8, 9)`` is the official VisA setting, ``()`` switches RsCIN off).
         precision: ``fp32``, ``bf16`` (backbone only; falls back to fp32 with one warning
             where the CPU has no native bf16) or ``fp16`` (CUDA).
-        bank_dtype: ``float16`` (default) or ``float32`` bank tokens.
+        bank_dtype: ``float32`` (default: stream mode equals batch mode exactly) or ``float16``
+            (half the bytes, maps within ~2e-3; what the service stores).
         **_: other options are accepted and ignored.
     """
     arch = _arch(backbone)

@@ -3,10 +3,10 @@
 A bank holds, per image (oldest first), the arrays that MuSc needs to score a new image
 against it:
 
-- ``tokens``: ``[M, n_blocks, L, C]`` float16 (or float32): each image's patch tokens of
+- ``tokens``: ``[M, n_blocks, L, C]`` float32 (or float16, as the service stores them): each image's patch tokens of
   the feature blocks, already LayerNormed over the image (first half of LNAMD), so the
   bank needs no backbone pass and no per-image statistics at scoring time;
-- ``embedding``: ``[M, E]`` float16 image embeddings (RsCIN's, also a drift signal);
+- ``embedding``: ``[M, E]`` image embeddings (same dtype) (RsCIN's, also a drift signal);
 - ``added_at``: ``[M]`` float64, seconds since the epoch when the entry was encoded.
 
 ``ReferenceSet.to_bytes`` / ``from_bytes`` serialise a bank without pickle (a JSON header

@@ -152,7 +152,8 @@ class MuscDetector(Detector):
         mean, std, interpolation: preprocessing of the backbone.
         precision: ``fp32`` (default), ``bf16`` (autocast on the backbone only; LNAMD and
             MSM always run in float32, as the official ``cdist``) or ``fp16`` (CUDA).
-        bank_dtype: ``float16`` (default, half the bytes) or ``float32`` for bank tokens.
+        bank_dtype: ``float32`` (default, exact) or ``float16`` (half the bytes; the service's
+            choice) for bank tokens.
         chunk: reference images per ``cdist`` call.
         encode_batch: images per backbone pass.
     """
@@ -173,7 +174,7 @@ class MuscDetector(Detector):
         interpolation: str = "bicubic",
         device: str = "cpu",
         precision: str = "fp32",
-        bank_dtype: str = "float16",
+        bank_dtype: str = "float32",
         chunk: int = DEFAULT_CHUNK,
         encode_batch: int = 8,
     ) -> None:

@@ -711,3 +711,16 @@ def test_runs_as_a_module_and_through_the_cli() -> None:
         assert len(json.loads(done.stdout)["weights"]) == len(
             load_manifest(REPO / "models/weights_manifest.json")
         )
+
+
+@pytest.mark.parametrize(
+    ("method", "name"),
+    [("musc", "openclip-vit-l-14-336-openai"), ("anomalydino", "timm-vit-small-patch14-dinov2")],
+)
+def test_every_method_can_be_named_with_method(
+    method: str, name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--method`` accepts every registered method (the manifest's ``used_by`` says which files)."""
+    rc, out, err = run_cli(["verify", "--method", method, "--dir", str(tmp_path)], capsys)
+    assert "invalid choice" not in err
+    assert rc != 0 and name in out + err  # nothing fetched into tmp_path: reported missing

@@ -198,8 +198,8 @@ def ref_msm(z: torch.Tensor, topmin_min: float = 0.0, topmin_max: float = 0.3) -
             k_min = int(p2i.shape[1] * k_min)
         if k_max < k_min:
             k_max, k_min = k_min, k_max
-        vals, _ = torch.topk(p2i.float(), k_max, largest=False, sorted=True)
-        vals, _ = torch.topk(vals.float(), k_max - k_min, largest=True, sorted=True)
+        vals, _ = torch.topk(p2i.float(), int(k_max), largest=False, sorted=True)
+        vals, _ = torch.topk(vals.float(), int(k_max - k_min), largest=True, sorted=True)
         rows.append(torch.mean(vals, dim=1).unsqueeze(0).double())
     return torch.cat(rows, dim=0)
 

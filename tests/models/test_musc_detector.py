@@ -113,12 +113,28 @@ def test_bank_append_and_evict_keep_at_most_n_newest_first_out(det: MuscDetector
     assert bank_concat(bank_split(bank)).image_hashes == bank.image_hashes
     np.testing.assert_array_equal(bank_concat(bank_split(bank)).arrays["tokens"], bank.arrays["tokens"])
     # entries of another configuration do not mix
-    other = models.load_tiny_detector("musc", bank_dtype="float32").encode_references(images[:1])
+    other = models.load_tiny_detector("musc", bank_dtype="float16").encode_references(images[:1])
     with pytest.raises(ValueError, match="does not fit"):
         bank_append(bank, other, max_images=4)
 
 
-def test_bytes_per_image_as_stated_and_bytes_round_trip(det: MuscDetector) -> None:
+def test_default_bank_is_exact_stream_equals_batch_without_rscin(det: MuscDetector) -> None:
+    """The model's default bank (float32) keeps the stated equivalence exact; float16 is opt-in."""
+    images = imgs(6, seed=31)
+    assert det.bank_dtype == "float32"
+    bank = det.encode_references(images[:-1])
+    assert bank.arrays["tokens"].dtype == np.float32
+    # 4 blocks x 64 patches x 64 channels x 4 bytes + 32 x 4 (embedding) + 8 (time)
+    assert det.bytes_per_image == 4 * 64 * 64 * 4 + 32 * 4 + 8 == bank_bytes_per_image(bank)
+    stream = det.predict(images[-1], references=bank)
+    batch = det.predict_batch(images, rscin=False)[-1]
+    np.testing.assert_allclose(stream.anomaly_map, batch.anomaly_map, rtol=0, atol=1e-6)
+    assert stream.score == pytest.approx(batch.score, abs=1e-6)
+
+
+def test_bytes_per_image_as_stated_and_bytes_round_trip() -> None:
+    det = models.load_tiny_detector("musc", bank_dtype="float16")  # as the service stores banks
+    assert isinstance(det, MuscDetector)
     bank = det.encode_references(imgs(5, seed=4))
     assert bank.arrays["tokens"].dtype == np.float16 and bank.arrays["embedding"].dtype == np.float16
     # 4 blocks x 64 patches x 64 channels x 2 bytes + 32 x 2 (embedding) + 8 (time)
@@ -224,8 +240,8 @@ def test_dinov2_backbone_official_settings_and_tiny_build(tmp_path: Path) -> Non
     res = tiny.predict_batch(imgs(3, seed=12))
     assert all(0.0 <= r.score <= 1.0 for r in res)
     bank = tiny.encode_references(imgs(2, seed=13))
-    # 2 blocks x 64 patches x 48 channels x 2 bytes + 48 x 2 + 8
-    assert bank_bytes_per_image(bank) == tiny.bytes_per_image == 2 * 64 * 48 * 2 + 48 * 2 + 8
+    # 2 blocks x 64 patches x 48 channels x 4 bytes (float32 default) + 48 x 4 + 8
+    assert bank_bytes_per_image(bank) == tiny.bytes_per_image == 2 * 64 * 48 * 4 + 48 * 4 + 8
 
 
 def test_vit_l_activation_follows_the_official_builder() -> None:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import models
-from service.app import create_app
+from service.app import create_app, storage_options
 from service.settings import Settings
 
 REDIS_TEST_URL = os.environ.get("ZSI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -24,7 +24,7 @@ REDIS_TEST_URL = os.environ.get("ZSI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15
 
 def tiny_factory(method: str, *, settings: Settings, device: str, cache: Any) -> models.Detector:
     """The real tiny random-init detector, with the app's cache (what demo mode loads)."""
-    return models.load_tiny_detector(method, device="cpu", cache=cache)
+    return models.load_tiny_detector(method, device="cpu", cache=cache, **storage_options(method))
 
 
 def png_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -9,6 +9,7 @@ import numpy as np
 
 import models
 from models.base import AnomalyResult
+from service.app import storage_options
 from service.settings import Settings
 
 RAW = {"content-type": "image/png"}
@@ -53,7 +54,7 @@ def planted(det: Any) -> Any:
 
 def planted_factory(method: str, *, settings: Settings, device: str, cache: Any) -> models.Detector:
     """The real tiny detectors, scores planted (a defect scores 0.9, a good part 0.1)."""
-    return planted(models.load_tiny_detector(method, device="cpu", cache=cache))
+    return planted(models.load_tiny_detector(method, device="cpu", cache=cache, **storage_options(method)))
 
 
 def stream_product(**stream: Any) -> dict[str, Any]:
