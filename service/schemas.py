@@ -617,16 +617,21 @@ class InspectionList(Tagged):
     )
 
 
+#: Text without NUL characters (PostgreSQL cannot store them): a 422, not a database error.
+NO_NUL = r"^[^\x00]*$"
+
+
 class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     verdict: Literal["good", "defect"] = Field(description="The operator's judgement of the part.")
     note: str | None = Field(
-        default=None, max_length=2000, examples=["scratch is on the label, not the glass"]
+        default=None, max_length=2000, pattern=NO_NUL, examples=["scratch is on the label, not the glass"]
     )
     reviewer: str | None = Field(
         default=None,
         min_length=1,
         max_length=128,
+        pattern=NO_NUL,
         description="Who reviewed; defaults to the X-Operator header (one of them is required).",
         examples=["j.doe"],
     )

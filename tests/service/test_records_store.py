@@ -196,6 +196,37 @@ def test_records_of_a_killed_process_are_stored_by_the_next(tmp_path):
         s.stop()
 
 
+def test_hostile_values_never_block_the_writer(tmp_path, db_url):
+    """Strings longer than their column or holding NUL (PostgreSQL refuses both) are stored
+    shortened / without NUL; a row the database still refuses is dropped and counted as
+    ``rejected``: the records after it are stored, and the writer stays ``ok``."""
+    s = service(tmp_path, db_url)
+    try:
+        long_product = draft(product="p" * 300, method="m" * 100, error_message="e" * 5000)
+        nul = draft(product="a\x00b", line="L\x001", model="x\x00y")
+        s.persist(long_product)
+        s.persist(nul)
+        refused = draft(image_bytes=2**40 if db_url is not None else None)  # integer column overflow
+        s.persist(refused)
+        after = draft()
+        s.persist(after)
+        assert s.flush(20), s.status()
+        assert s.status()["state"] == "ok"
+        got = get_record(s.engine, long_product["id"])
+        assert got["product"] == "p" * 64 and got["method"] == "m" * 32
+        got = get_record(s.engine, nul["id"])
+        assert got["product"] == "ab" and got["line"] == "L1" and got["model"] == "xy"
+        assert get_record(s.engine, after["id"])["product"] == "bottle"
+        if db_url is not None:  # PostgreSQL refuses the overflow: dropped AND counted
+            assert s.dropped["rejected"] == 1 and s.status()["dropped"] == 1
+            assert s.metrics.dropped.labels(reason="rejected")._value.get() == 1
+            assert count(s.engine) == 3
+        else:
+            assert count(s.engine) == 4 and s.status()["dropped"] == 0
+    finally:
+        s.stop()
+
+
 def test_unreachable_database_keeps_records_then_drops_and_counts_over_the_limit(tmp_path):
     port = free_port()  # nothing listens there
     s = service(
