@@ -389,9 +389,14 @@ class InspectionFlow:
         draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
         draft.reference_count = references.count if references is not None else 0
         if stream is None:
-            if references is None and _requires_references(det):
-                raise await self._references_required(loaded.method, det, recipe)
-            self.stream.check_plain_musc(loaded.method, recipe, references)  # 422: nothing to score against
+            try:
+                if references is None and _requires_references(det):
+                    raise await self._references_required(loaded.method, det, recipe)
+                # 422: nothing to score against
+                self.stream.check_plain_musc(loaded.method, recipe, references)
+            except ApiError:
+                draft.image_sha256 = await run_in_threadpool(_sha256_hex, data)  # the refusal's record too
+                raise
         elif stream.mode == "stream":
             draft.reference_key, draft.reference_count = stream.reference_key, stream.size
         clock.lap("references")
@@ -410,12 +415,13 @@ class InspectionFlow:
                 decode_image, data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
             )
             clock.lap("decode")
+        if image is not None:
+            height, width = int(image.shape[0]), int(image.shape[1])
+        else:
+            assert hit is not None
+            height, width = hit.image_height, hit.image_width
+        draft.image_width, draft.image_height = width, height  # a later refusal's record has them too
         if recipe is not None and recipe.tiling is not None:  # 413 past ZSI_MAX_TILES (a cache hit too)
-            if image is not None:
-                height, width = int(image.shape[0]), int(image.shape[1])
-            else:
-                assert hit is not None
-                height, width = hit.image_height, hit.image_width
             check_tiles(height, width, tiling_config(recipe, settings), settings.max_tiles)
         kept_bytes = data if recipe is not None and recipe.keep_images else None
         del data
@@ -505,7 +511,7 @@ class InspectionFlow:
         use_cache: bool = True,
     ) -> tuple[str | None, CachedResult | None]:
         """Hash the upload (for the record and the key) and look the result up (worker thread)."""
-        draft.image_sha256 = hashlib.sha256(data).hexdigest()
+        draft.image_sha256 = _sha256_hex(data)
         cache = self.services.result_cache
         if cache is None or not use_cache:
             return None, None
@@ -804,6 +810,10 @@ class InspectionFlow:
 def _requires_references(det: Detector) -> bool:
     """True for a method that cannot answer without golden images (``describe()`` says so)."""
     return bool(det.describe().get("requires_references", False))
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _image_format(data: bytes) -> str | None:
