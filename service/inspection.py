@@ -429,6 +429,7 @@ class InspectionFlow:
         qinfo = {"queue_wait": 0.0, "inference": 0.0, "batch_size": 0.0}
         if hit is not None:
             result = hit.to_result()
+            qinfo["batch_size"] = float(hit.batch_size)  # how the stored result was computed
         else:
             assert image is not None
             timeout_s = settings.request_timeout_s - await self._prepare_text(loaded, recipe)
@@ -479,11 +480,26 @@ class InspectionFlow:
                 overlay_png, image, result.anomaly_map, result.score, threshold=threshold, label=label
             )
             rendered = await run_in_threadpool(
-                self._render_json, result, image, threshold, hit, cache_key, with_png=False
+                self._render_json,
+                result,
+                image,
+                threshold,
+                hit,
+                cache_key,
+                with_png=False,
+                batch_size=int(qinfo["batch_size"]),
             )
             clock.lap("render")
         else:
-            rendered = await run_in_threadpool(self._render_json, result, image, threshold, hit, cache_key)
+            rendered = await run_in_threadpool(
+                self._render_json,
+                result,
+                image,
+                threshold,
+                hit,
+                cache_key,
+                batch_size=int(qinfo["batch_size"]),
+            )
             clock.lap("render")
             inspection.body = self._body(inspection, rendered, qinfo)
         clock.stages["total"] = clock.total()
@@ -649,12 +665,14 @@ class InspectionFlow:
         cache_key: str | None = None,
         *,
         with_png: bool = True,
+        batch_size: int = 1,
     ) -> dict[str, Any]:
         """The map, regions and image parts of the answer (worker thread).
 
         From a cache ``hit``: min/max and the image part as stored, the regions as stored
         when the threshold is the one they were computed at, else recomputed from the
-        cached map. On a miss with a ``cache_key`` the result is stored. ``with_png=False``
+        cached map. On a miss with a ``cache_key`` the result is stored (with ``batch_size``,
+        the forward batch that computed it, which a hit answers again). ``with_png=False``
         (``output=png``: regions for the record only) leaves the map PNG out.
         """
         max_regions = self.services.settings.max_regions
@@ -686,6 +704,7 @@ class InspectionFlow:
                     max_regions=max_regions,
                     regions=regions,
                     regions_truncated=truncated,
+                    batch_size=batch_size,
                 ),
             )
         return {

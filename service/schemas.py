@@ -179,7 +179,9 @@ class InspectResponse(Tagged):
     anomaly_map: AnomalyMapOut
     regions: list[Region] = Field(description="Connected regions of the map at or above the threshold.")
     regions_truncated: bool = Field(description="True when more regions existed than listed.")
-    batch_size: int = Field(description="Images in the forward batch this request rode in.")
+    batch_size: int = Field(
+        description="Images in the forward batch that computed this result (a cache hit: the stored result's)."
+    )
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: decode, references, queue_wait, inference (the whole "
         "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total. "
