@@ -326,10 +326,12 @@ class InspectionFlow:
             station=params.station,
             part_id=params.part_id,
         )
+        started = time.perf_counter()
         try:
             return await self._inspect(params, read_body, draft)
         except ApiError as exc:
             draft.refused(exc.status, exc.code, exc.message)
+            draft.timings_ms = draft.timings_ms or _until_now_ms(started)  # how long until the refusal
             await self._persist(draft)
             exc.details["inspection_id"] = draft.id
             exc.headers = {**exc.headers, "X-Inspection-Id": draft.id}
@@ -338,6 +340,7 @@ class InspectionFlow:
             log.exception("inspection %s failed", draft.id)
             message = f"internal error: {type(exc).__name__}"
             draft.refused(500, "internal_error", message)
+            draft.timings_ms = draft.timings_ms or _until_now_ms(started)
             await self._persist(draft)
             raise ApiError(
                 500,
@@ -829,6 +832,11 @@ class InspectionFlow:
 def _requires_references(det: Detector) -> bool:
     """True for a method that cannot answer without golden images (``describe()`` says so)."""
     return bool(det.describe().get("requires_references", False))
+
+
+def _until_now_ms(started: float) -> dict[str, float]:
+    """A refusal's ``timings_ms``: milliseconds from the start of the flow to the refusal."""
+    return {"total": round((time.perf_counter() - started) * 1000.0, 3)}
 
 
 def _sha256_hex(data: bytes) -> str:

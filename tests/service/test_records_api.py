@@ -286,6 +286,7 @@ def test_hostile_query_values_never_stall_the_records(app_client, db_settings):
         assert set(ids) | {ok.json()["inspection_id"]} <= set(got)
         assert got[ids[0]]["product"] == "p" * 64 and got[ids[1]]["product"] == "ab"
         assert got[ids[2]]["method"] == "m" * 32
+        assert all(got[i]["timings_ms"]["total"] >= 0.0 for i in ids)  # a refusal's time is kept too
         st = services.records.status()
         assert st["state"] == "ok" and st["dropped"] == 0 and st["pending"] == 0
 
