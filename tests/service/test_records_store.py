@@ -522,3 +522,18 @@ def test_migrations_ship_in_the_package():
     assert any(f.startswith("migrations/versions/") for f in files)
     for f in files:
         assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [("nonsense", "not a database URL"), ("mysql://u@h/db", "no driver"), ("foo://x", "not a database URL")],
+)
+def test_bad_database_url_is_refused_at_start_clearly(url, says):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match=f"ZSI_DATABASE_URL.*{says}"):
+        Settings(_env_file=None, database_url=url)  # type: ignore[call-arg]
+    for good in ("postgresql://u:p@h:5432/db", "postgres://u@h/db", "sqlite:////tmp/x.db"):
+        assert Settings(_env_file=None, database_url=good).database_url == good  # type: ignore[call-arg]
