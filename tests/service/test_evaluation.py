@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -341,9 +341,11 @@ def test_eval_on_reviewed_records(tmp_path: Path, capsys: pytest.CaptureFixture[
     records.start()
     amap = np.zeros((40, 48), np.float32)
     t0 = datetime.now(timezone.utc)
-    verdicts: list[tuple[str, str]] = []
+    verdicts: list[tuple[str, Literal["good", "defect"]]] = []
 
-    def add(product: str, seed: int | None, verdict: str | None, status: int = 200) -> str:
+    def add(
+        product: str, seed: int | None, verdict: Literal["good", "defect"] | None, status: int = 200
+    ) -> str:
         d = RecordDraft(product=product, method="winclip", score=0.3, decision="normal", status=status)
         image = png(seed) if seed is not None else None
         d.image_sha256 = hashlib.sha256(image).hexdigest() if image is not None else None

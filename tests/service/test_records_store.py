@@ -212,11 +212,13 @@ def test_hostile_values_never_block_the_writer(tmp_path, db_url):
         s.persist(after)
         assert s.flush(20), s.status()
         assert s.status()["state"] == "ok"
-        got = get_record(s.engine, long_product["id"])
+        engine = s.engine
+        assert engine is not None
+        got = get_record(engine, long_product["id"])
         assert got["product"] == "p" * 64 and got["method"] == "m" * 32
-        got = get_record(s.engine, nul["id"])
+        got = get_record(engine, nul["id"])
         assert got["product"] == "ab" and got["line"] == "L1" and got["model"] == "xy"
-        assert get_record(s.engine, after["id"])["product"] == "bottle"
+        assert get_record(engine, after["id"])["product"] == "bottle"
         if db_url is not None:  # PostgreSQL refuses the overflow: dropped AND counted
             assert s.dropped["rejected"] == 1 and s.status()["dropped"] == 1
             assert s.metrics.dropped.labels(reason="rejected")._value.get() == 1
