@@ -212,6 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
         map_size=args.map_size,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        database_url=args.database_url,
     )
     try:
         report = run_evaluation(cfg, det, log=lambda m: print(m, file=sys.stderr))
@@ -390,8 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_inspect)
 
     e = sub.add_parser("eval", help="evaluate a method on a dataset (docs/evaluation.md)")
-    e.add_argument("data_dir", type=Path, help="dataset root (MVTec-AD, VisA or good/ + defect/ folders)")
-    e.add_argument("--layout", choices=["mvtec", "visa", "folder"], help="default: detected")
+    e.add_argument(
+        "data_dir",
+        type=Path,
+        help="dataset root (MVTec-AD, VisA or good/ + defect/ folders); --layout records: the service's "
+        "ZSI_DATA_DIR",
+    )
+    e.add_argument(
+        "--layout",
+        choices=["mvtec", "visa", "folder", "records"],
+        help="default: detected (mvtec, visa or folder); records: the inspection records an operator "
+        "reviewed, with kept images, one category per product",
+    )
+    e.add_argument(
+        "--database-url",
+        default=os.environ.get("ZSI_DATABASE_URL"),
+        help="--layout records: the records database (default: $ZSI_DATABASE_URL, else the SQLite file "
+        "under DATA_DIR)",
+    )
     e.add_argument("--method", default="winclip", choices=["winclip", "anomalyclip", "saa_plus"])
     e.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     e.add_argument("--references", type=int, default=0, help="golden images per category (few-shot)")

@@ -326,10 +326,12 @@ class InspectionFlow:
             station=params.station,
             part_id=params.part_id,
         )
+        started = time.perf_counter()
         try:
             return await self._inspect(params, read_body, draft)
         except ApiError as exc:
             draft.refused(exc.status, exc.code, exc.message)
+            draft.timings_ms = draft.timings_ms or _until_now_ms(started)  # how long until the refusal
             await self._persist(draft)
             exc.details["inspection_id"] = draft.id
             exc.headers = {**exc.headers, "X-Inspection-Id": draft.id}
@@ -338,6 +340,7 @@ class InspectionFlow:
             log.exception("inspection %s failed", draft.id)
             message = f"internal error: {type(exc).__name__}"
             draft.refused(500, "internal_error", message)
+            draft.timings_ms = draft.timings_ms or _until_now_ms(started)
             await self._persist(draft)
             raise ApiError(
                 500,
@@ -389,9 +392,14 @@ class InspectionFlow:
         draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
         draft.reference_count = references.count if references is not None else 0
         if stream is None:
-            if references is None and _requires_references(det):
-                raise await self._references_required(loaded.method, det, recipe)
-            self.stream.check_plain_musc(loaded.method, recipe, references)  # 422: nothing to score against
+            try:
+                if references is None and _requires_references(det):
+                    raise await self._references_required(loaded.method, det, recipe)
+                # 422: nothing to score against
+                self.stream.check_plain_musc(loaded.method, recipe, references)
+            except ApiError:
+                draft.image_sha256 = await run_in_threadpool(_sha256_hex, data)  # the refusal's record too
+                raise
         elif stream.mode == "stream":
             draft.reference_key, draft.reference_count = stream.reference_key, stream.size
         clock.lap("references")
@@ -410,12 +418,13 @@ class InspectionFlow:
                 decode_image, data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
             )
             clock.lap("decode")
+        if image is not None:
+            height, width = int(image.shape[0]), int(image.shape[1])
+        else:
+            assert hit is not None
+            height, width = hit.image_height, hit.image_width
+        draft.image_width, draft.image_height = width, height  # a later refusal's record has them too
         if recipe is not None and recipe.tiling is not None:  # 413 past ZSI_MAX_TILES (a cache hit too)
-            if image is not None:
-                height, width = int(image.shape[0]), int(image.shape[1])
-            else:
-                assert hit is not None
-                height, width = hit.image_height, hit.image_width
             check_tiles(height, width, tiling_config(recipe, settings), settings.max_tiles)
         kept_bytes = data if recipe is not None and recipe.keep_images else None
         del data
@@ -423,6 +432,7 @@ class InspectionFlow:
         qinfo = {"queue_wait": 0.0, "inference": 0.0, "batch_size": 0.0}
         if hit is not None:
             result = hit.to_result()
+            qinfo["batch_size"] = float(hit.batch_size)  # how the stored result was computed
         else:
             assert image is not None
             timeout_s = settings.request_timeout_s - await self._prepare_text(loaded, recipe)
@@ -473,11 +483,26 @@ class InspectionFlow:
                 overlay_png, image, result.anomaly_map, result.score, threshold=threshold, label=label
             )
             rendered = await run_in_threadpool(
-                self._render_json, result, image, threshold, hit, cache_key, with_png=False
+                self._render_json,
+                result,
+                image,
+                threshold,
+                hit,
+                cache_key,
+                with_png=False,
+                batch_size=int(qinfo["batch_size"]),
             )
             clock.lap("render")
         else:
-            rendered = await run_in_threadpool(self._render_json, result, image, threshold, hit, cache_key)
+            rendered = await run_in_threadpool(
+                self._render_json,
+                result,
+                image,
+                threshold,
+                hit,
+                cache_key,
+                batch_size=int(qinfo["batch_size"]),
+            )
             clock.lap("render")
             inspection.body = self._body(inspection, rendered, qinfo)
         clock.stages["total"] = clock.total()
@@ -505,7 +530,7 @@ class InspectionFlow:
         use_cache: bool = True,
     ) -> tuple[str | None, CachedResult | None]:
         """Hash the upload (for the record and the key) and look the result up (worker thread)."""
-        draft.image_sha256 = hashlib.sha256(data).hexdigest()
+        draft.image_sha256 = _sha256_hex(data)
         cache = self.services.result_cache
         if cache is None or not use_cache:
             return None, None
@@ -643,12 +668,14 @@ class InspectionFlow:
         cache_key: str | None = None,
         *,
         with_png: bool = True,
+        batch_size: int = 1,
     ) -> dict[str, Any]:
         """The map, regions and image parts of the answer (worker thread).
 
         From a cache ``hit``: min/max and the image part as stored, the regions as stored
         when the threshold is the one they were computed at, else recomputed from the
-        cached map. On a miss with a ``cache_key`` the result is stored. ``with_png=False``
+        cached map. On a miss with a ``cache_key`` the result is stored (with ``batch_size``,
+        the forward batch that computed it, which a hit answers again). ``with_png=False``
         (``output=png``: regions for the record only) leaves the map PNG out.
         """
         max_regions = self.services.settings.max_regions
@@ -680,6 +707,7 @@ class InspectionFlow:
                     max_regions=max_regions,
                     regions=regions,
                     regions_truncated=truncated,
+                    batch_size=batch_size,
                 ),
             )
         return {
@@ -804,6 +832,15 @@ class InspectionFlow:
 def _requires_references(det: Detector) -> bool:
     """True for a method that cannot answer without golden images (``describe()`` says so)."""
     return bool(det.describe().get("requires_references", False))
+
+
+def _until_now_ms(started: float) -> dict[str, float]:
+    """A refusal's ``timings_ms``: milliseconds from the start of the flow to the refusal."""
+    return {"total": round((time.perf_counter() - started) * 1000.0, 3)}
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _image_format(data: bytes) -> str | None:

@@ -142,6 +142,7 @@ class CachedResult:
     regions: tuple[Mapping[str, Any], ...]
     regions_truncated: bool
     details: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 1  # images in the forward batch that computed the result (answered again on a hit)
 
     def to_result(self) -> AnomalyResult:
         return AnomalyResult(
@@ -168,8 +169,13 @@ def encode_entry(
     max_regions: int,
     regions: list[dict[str, Any]],
     regions_truncated: bool,
+    batch_size: int = 1,
 ) -> bytes | None:
-    """The cache value of ``result``; None when it cannot be stored faithfully."""
+    """The cache value of ``result``; None when it cannot be stored faithfully.
+
+    ``batch_size``: images in the forward batch that computed ``result``; a hit answers it
+    again, so its body equals the first answer's apart from ``cached``, id and timings.
+    """
     amap = np.asarray(result.anomaly_map, dtype=np.float32)
     q = quantize_map(amap)
     if not np.array_equal(map_to_uint8(dequantize_map(q)), map_to_uint8(amap)):
@@ -192,6 +198,7 @@ def encode_entry(
         "regions": regions,
         "regions_truncated": bool(regions_truncated),
         "details": dict(result.details),
+        "batch_size": int(batch_size),
     }
     try:
         json.dumps(meta, allow_nan=False)
@@ -233,6 +240,7 @@ def decode_entry(blob: bytes) -> CachedResult:
             regions=tuple(m["regions"]),
             regions_truncated=bool(m["regions_truncated"]),
             details=dict(m["details"]),
+            batch_size=int(m.get("batch_size", 1)),  # entries written before it was stored: 1
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SerializationError(f"corrupt cache entry: {exc}") from exc

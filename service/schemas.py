@@ -179,7 +179,9 @@ class InspectResponse(Tagged):
     anomaly_map: AnomalyMapOut
     regions: list[Region] = Field(description="Connected regions of the map at or above the threshold.")
     regions_truncated: bool = Field(description="True when more regions existed than listed.")
-    batch_size: int = Field(description="Images in the forward batch this request rode in.")
+    batch_size: int = Field(
+        description="Images in the forward batch that computed this result (a cache hit: the stored result's)."
+    )
     timings_ms: dict[str, float] = Field(
         description="Milliseconds per stage: decode, references, queue_wait, inference (the whole "
         "batch), model stages of the batch (text, preprocess, encode, score, upsample), render, total. "
@@ -617,16 +619,21 @@ class InspectionList(Tagged):
     )
 
 
+#: Text without NUL characters (PostgreSQL cannot store them): a 422, not a database error.
+NO_NUL = r"^[^\x00]*$"
+
+
 class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     verdict: Literal["good", "defect"] = Field(description="The operator's judgement of the part.")
     note: str | None = Field(
-        default=None, max_length=2000, examples=["scratch is on the label, not the glass"]
+        default=None, max_length=2000, pattern=NO_NUL, examples=["scratch is on the label, not the glass"]
     )
     reviewer: str | None = Field(
         default=None,
         min_length=1,
         max_length=128,
+        pattern=NO_NUL,
         description="Who reviewed; defaults to the X-Operator header (one of them is required).",
         examples=["j.doe"],
     )

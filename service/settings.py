@@ -164,6 +164,30 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        """A URL SQLAlchemy can parse, with an installed driver: refused at start, clearly."""
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        from service.records.db import normalize_url
+
+        example = "postgresql://user:password@host:5432/dbname or sqlite:////path/inspections.db"
+        try:
+            url = make_url(normalize_url(value))
+            url.get_dialect().import_dbapi()
+        except ArgumentError:
+            raise ValueError(f"ZSI_DATABASE_URL is not a database URL; expected {example}") from None
+        except (NoSuchModuleError, ImportError) as exc:
+            raise ValueError(
+                f"ZSI_DATABASE_URL: no driver for this database ({exc}); this service installs the "
+                f"PostgreSQL driver (psycopg 3) and SQLite: {example}"
+            ) from None
+        return value
+
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when the installed torch sees a GPU, else ``cpu`` (torch imported lazily)."""

@@ -19,6 +19,13 @@ Layouts:
     optional ``ROOT/golden/*`` (good images used ONLY as references / for calibration).
     Without ``golden/`` the good images are split (see :func:`split_golden`).
     ``ROOT`` may also hold several such folders, one per category.
+``records``
+    ``ROOT`` is the service's ``ZSI_DATA_DIR``: the inspection records an operator reviewed
+    (``PUT /inspections/{id}/review``) whose image was kept (``keep_images``), one category
+    per product, ``good`` verdicts normal and ``defect`` verdicts anomalous, no masks. The
+    records database is ``ZSI_DATABASE_URL`` (``database_url``), else the SQLite file under
+    ``ROOT``. Reviewed records of the same image bytes count once (the latest verdict). The
+    good images are split like a folder without ``golden/`` (see :func:`split_golden`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-LAYOUTS = ("mvtec", "visa", "folder")
+LAYOUTS = ("mvtec", "visa", "folder", "records")
 VISA_CSV = Path("split_csv") / "1cls.csv"
 
 
@@ -146,6 +153,54 @@ def _read_folder(root: Path) -> list[Category]:
     return [_folder_category(d) for d in sorted(root.iterdir()) if d.is_dir() and _is_folder_category(d)]
 
 
+def _read_records(root: Path, database_url: str | None) -> list[Category]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.records.db import default_url, make_engine, safe_url
+    from service.records.labelled import LabelledRecord, reviewed_products, reviewed_records
+
+    if database_url is None and not (root / "records" / "inspections.db").is_file():
+        raise DatasetError(
+            f"no records database under {root} (records/inspections.db): give the service's ZSI_DATA_DIR, "
+            "or its ZSI_DATABASE_URL with --database-url"
+        )
+    url = database_url or default_url(root)
+    engine = make_engine(url)
+    cats: list[Category] = []
+    try:
+        for product in reviewed_products(engine):
+            latest: dict[str, LabelledRecord] = {}
+            missing = 0
+            recs = reviewed_records(product, data_dir=root, engine=engine)
+            for r in sorted(recs, key=lambda r: (r.reviewed_at or r.created_at, r.id)):
+                if r.image_path is None:
+                    missing += 1
+                    continue
+                latest[r.image_sha256 or str(r.image_path)] = r  # the same bytes: the latest verdict
+            if not latest:
+                continue
+            notes = [f"{len(latest)} reviewed records with a kept image (records layout)"]
+            if missing:
+                notes.append(f"{missing} reviewed records skipped: their image was not kept or was removed")
+            if len(recs) - missing > len(latest):
+                notes.append(
+                    f"{len(recs) - missing - len(latest)} repeated images counted once (latest verdict)"
+                )
+            test = tuple(
+                Sample(r.image_path, r.label, r.verdict)
+                for r in sorted(latest.values(), key=lambda r: r.id)
+                if r.image_path is not None
+            )
+            cats.append(Category(product, (), test, golden_is_split=True, notes=tuple(notes)))
+    except SQLAlchemyError as exc:
+        raise DatasetError(
+            f"records database {safe_url(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
+    finally:
+        engine.dispose()
+    return cats
+
+
 def detect_layout(root: str | Path) -> str:
     """``visa`` when ``split_csv/1cls.csv`` exists, ``mvtec`` when ``train/`` + ``test/`` do
     (in ROOT or its sub-folders), else ``folder``."""
@@ -158,9 +213,16 @@ def detect_layout(root: str | Path) -> str:
 
 
 def read_dataset(
-    root: str | Path, layout: str | None = None, categories: list[str] | None = None
+    root: str | Path,
+    layout: str | None = None,
+    categories: list[str] | None = None,
+    *,
+    database_url: str | None = None,
 ) -> list[Category]:
     """The categories of a dataset folder (all, or those named), in name order.
+
+    ``database_url``: the records database of the ``records`` layout (None: the SQLite
+    file under ``root``).
 
     Raises:
         DatasetError: unknown layout, no category found, an unknown category name, or a
@@ -172,8 +234,10 @@ def read_dataset(
     layout = layout or detect_layout(r)
     if layout not in LAYOUTS:
         raise DatasetError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    reader = {"mvtec": _read_mvtec, "visa": _read_visa, "folder": _read_folder}[layout]
-    found = reader(r)
+    if layout == "records":
+        found = _read_records(r, database_url)
+    else:
+        found = {"mvtec": _read_mvtec, "visa": _read_visa, "folder": _read_folder}[layout](r)
     if not found:
         raise DatasetError(f"no category in the {layout} layout found under {r}; see docs/evaluation.md")
     if categories:

@@ -71,6 +71,7 @@ class EvalConfig:
     aupro_fpr_limit: float = 0.3
     progress: bool = True
     plots: bool = True
+    database_url: str | None = None  # layout ``records``: ZSI_DATABASE_URL (None: SQLite under data_dir)
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def _category_metrics(cfg: EvalConfig, job: _Job, cache: ScoreCache) -> tuple[di
         scores[i], maps[i] = got
     labels = np.array([s.label for s in test], dtype=np.int64)
     good, bad = scores[labels == 0], scores[labels == 1]
-    notes: list[str] = []
+    notes: list[str] = list(job.category.notes)
     out: dict[str, Any] = {
         "n_test_good": int(good.size),
         "n_test_defect": int(bad.size),
@@ -415,7 +416,7 @@ def run_evaluation(
         )
     t0 = time.perf_counter()
     layout = cfg.layout or detect_layout(cfg.data_dir)
-    cats = read_dataset(cfg.data_dir, layout, list(cfg.categories) or None)
+    cats = read_dataset(cfg.data_dir, layout, list(cfg.categories) or None, database_url=cfg.database_url)
     cache = ScoreCache(cfg.out_dir / "cache")
     say(f"{len(cats)} categories ({layout} layout); preparing references and cache keys")
     jobs = [_prepare(cfg, detector, c) for c in cats]

@@ -6,7 +6,9 @@ labelled set: ``good`` = normal (label 0), ``defect`` = anomalous (label 1).
 - Calibration: :func:`good_images` lists the kept images of records an operator judged
   ``good``: extra normal images of the product.
 - Evaluation: :func:`reviewed_records` lists every reviewed answered record of a
-  product with its label, the score the service gave and the kept image (if any).
+  product with its label, the score the service gave and the kept image (if any);
+  ``anomaly-inspect eval ZSI_DATA_DIR --layout records`` scores the kept images of
+  every reviewed product as a labelled set (:mod:`service.evaluation.datasets`).
 
 Both read the records database of the given settings (``ZSI_DATABASE_URL``, else the
 SQLite file under ``ZSI_DATA_DIR``) and are blocking: call them from a worker thread
@@ -142,6 +144,19 @@ def reviewed_records(
     return out
 
 
+def reviewed_products(engine: Engine) -> list[str]:
+    """Products with at least one reviewed answered record, in name order."""
+    r = InspectionRecord
+    stmt = (
+        select(r.product)
+        .where(r.product.is_not(None), r.review_verdict.is_not(None), r.status == 200)
+        .distinct()
+        .order_by(r.product)
+    )
+    with Session(engine) as s:
+        return [p for p in s.scalars(stmt) if p is not None]
+
+
 def good_images(
     product: str,
     *,
@@ -163,4 +178,4 @@ def good_images(
     return [r.image_path for r in recs if r.image_path is not None]
 
 
-__all__ = ["LabelledRecord", "good_images", "reviewed_records"]
+__all__ = ["LabelledRecord", "good_images", "reviewed_products", "reviewed_records"]

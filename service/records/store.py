@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import Engine, Table, insert
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, String, Table, insert
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from service.records.db import (
     backend_name,
@@ -59,9 +59,27 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+#: Column lengths of the text columns (``None``: unbounded ``Text``).
+_TEXT_LENGTHS: dict[str, int | None] = {
+    c.name: c.type.length
+    for c in InspectionRecord.__table__.columns
+    if c.name in RECORD_COLUMNS and isinstance(c.type, String)
+}
+
+
 def _row(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A journal record -> column values (unknown keys ignored, so old journals stay readable)."""
+    """A journal record -> column values (unknown keys ignored, so old journals stay readable).
+
+    Text values lose NUL characters and are cut to their column's length: values the
+    client chose (an unknown product or method name, a refusal's message) must never make
+    the database refuse the row (PostgreSQL refuses both, SQLite would keep them as sent).
+    """
     row = {k: record.get(k) for k in RECORD_COLUMNS}
+    for name, length in _TEXT_LENGTHS.items():
+        value = row[name]
+        if isinstance(value, str):
+            value = value.replace("\x00", "")
+            row[name] = value[:length] if length is not None else value
     created = row["created_at"]
     if isinstance(created, str):
         row["created_at"] = datetime.fromisoformat(created)
@@ -81,7 +99,7 @@ class RecordMetrics:
         self.written = Counter("zsi_records_written", "Inspection records stored in the database", registry=r)
         self.dropped = Counter(
             "zsi_records_dropped",
-            "Inspection records NOT kept (journal_full, write_error, corrupt)",
+            "Inspection records NOT kept (journal_full, write_error, corrupt, rejected)",
             ["reason"],
             registry=r,
         )
@@ -96,7 +114,7 @@ class RecordMetrics:
         self.images_removed = Counter(
             "zsi_records_images_removed", "Kept image/map files removed by retention", registry=r
         )
-        for reason in ("journal_full", "write_error", "corrupt"):
+        for reason in ("journal_full", "write_error", "corrupt", "rejected"):
             self.dropped.labels(reason=reason)
 
 
@@ -143,7 +161,7 @@ class RecordService:
         self.error: str | None = None
         self.schema: str | None = None
         self.written = 0
-        self.dropped: dict[str, int] = {"journal_full": 0, "write_error": 0, "corrupt": 0}
+        self.dropped: dict[str, int] = {"journal_full": 0, "write_error": 0, "corrupt": 0, "rejected": 0}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -339,17 +357,22 @@ class RecordService:
             records, pos, size = j.read(self.batch)
             if pos is None:
                 continue
+            stored = len(records)
             if records:
-                with self.engine.begin() as conn:
-                    self._insert(conn, [_row(r) for r in records])
+                rows = [_row(r) for r in records]
+                try:
+                    with self.engine.begin() as conn:
+                        self._insert(conn, rows)
+                except (DataError, IntegrityError):
+                    stored = self._insert_one_by_one(rows)  # one bad row must not block the rest
             j.commit(pos, len(records), size)
             corrupt, j.corrupt = j.corrupt, 0
             if corrupt:
                 with self._lock:
                     self.dropped["corrupt"] += corrupt
                 self.metrics.dropped.labels(reason="corrupt").inc(corrupt)
-            self.written += len(records)
-            self.metrics.written.inc(len(records))
+            self.written += stored
+            self.metrics.written.inc(stored)
             moved = True
         for j in list(self.adopted):
             if j.drained():
@@ -359,6 +382,23 @@ class RecordService:
         with self._progress:
             self._progress.notify_all()
         return moved
+
+    def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> int:
+        """Store ``rows`` one transaction each; a row the database refuses is dropped and counted.
+
+        Only for a batch refused for its data (``DataError`` / ``IntegrityError``): a
+        connection error still raises, so the writer retries the whole batch later.
+        """
+        assert self.engine is not None
+        stored = 0
+        for row in rows:
+            try:
+                with self.engine.begin() as conn:
+                    self._insert(conn, [row])
+                stored += 1
+            except (DataError, IntegrityError) as exc:
+                self._count_drop("rejected", row["id"], f"the database refused it: {exc.orig}")
+        return stored
 
     def _insert(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         table: Table = InspectionRecord.__table__  # type: ignore[assignment]

@@ -33,14 +33,14 @@ from service.records.query import (
     review_record,
 )
 from service.records.store import utcnow
-from service.schemas import UNAUTHORIZED, InspectionList, InspectionOut, ReviewIn, error_responses
+from service.schemas import NO_NUL, UNAUTHORIZED, InspectionList, InspectionOut, ReviewIn, error_responses
 
 router = APIRouter(prefix="/inspections", tags=["records"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED)
 T = TypeVar("T")
 
 RECORD_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 InspectionId = Annotated[str, Path(pattern=RECORD_ID, description="The inspection id (UUID).")]
-ClientField = Annotated[str | None, Query(max_length=64)]
+ClientField = Annotated[str | None, Query(max_length=64, pattern=NO_NUL)]
 _ERRORS = error_responses(
     s404=("Unknown inspection id", "unknown_inspection", {}),
     s422=("Bad filter or cursor", "invalid_cursor", {}),
@@ -49,7 +49,7 @@ _ERRORS = error_responses(
 
 
 def record_filter(
-    product: Annotated[str | None, Query(max_length=64, description="Product id.")] = None,
+    product: Annotated[str | None, Query(max_length=64, pattern=NO_NUL, description="Product id.")] = None,
     decision: Annotated[Literal["anomalous", "normal"] | None, Query()] = None,
     review: Annotated[
         Literal["unreviewed", "reviewed", "good", "defect"] | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, cast
 
 import numpy as np
@@ -106,6 +107,9 @@ def test_without_golden_images_anomalydino_is_a_clear_409(app_client) -> None:
         # refusals are recorded like every answer
         rec = client.get(f"/inspections/{r.headers['X-Inspection-Id']}").json()
         assert rec["status"] == 409 and rec["error"]["code"] == "references_required"
+        data = png_bytes(img)  # the upload was read: its size and hash are in the record
+        assert rec["image"]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert rec["image"]["bytes"] == len(data)
         assert services.methods["anomalydino"].queue.stats.batches == 0  # nothing reached the model
 
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -311,3 +311,80 @@ def test_eval_cli_bad_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
         main(["eval", str(tmp_path / "empty"), "--demo", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     )
     assert "no category" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ reviewed records as a labelled set
+
+
+def test_eval_on_reviewed_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--layout records``: the reviewed records with kept images of each product, labelled by
+    the operators' verdicts (the latest for repeated bytes); unreviewed, refused and
+    image-less records left out."""
+    import io
+    from datetime import datetime, timedelta, timezone
+
+    from prometheus_client import CollectorRegistry
+
+    from service.records import RecordService
+    from service.records.draft import RecordDraft
+    from service.records.query import review_record
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            buf, format="PNG"
+        )
+        return buf.getvalue()
+
+    data = tmp_path / "data"
+    records = RecordService(data, registry=CollectorRegistry())
+    records.start()
+    amap = np.zeros((40, 48), np.float32)
+    t0 = datetime.now(timezone.utc)
+    verdicts: list[tuple[str, Literal["good", "defect"]]] = []
+
+    def add(
+        product: str, seed: int | None, verdict: Literal["good", "defect"] | None, status: int = 200
+    ) -> str:
+        d = RecordDraft(product=product, method="winclip", score=0.3, decision="normal", status=status)
+        image = png(seed) if seed is not None else None
+        d.image_sha256 = hashlib.sha256(image).hexdigest() if image is not None else None
+        records.persist(d.as_record(), image=image, image_format="PNG" if image else None, anomaly_map=amap)
+        if verdict is not None:
+            verdicts.append((d.id, verdict))
+        return d.id
+
+    for i in range(6):
+        add("bottle", i, "good")
+    for i in range(10, 13):
+        add("bottle", i, "defect")
+    add("bottle", None, "good")  # no kept image: skipped, with a note
+    add("bottle", 0, "defect")  # the same bytes as good image 0, judged defect later: defect wins
+    add("bottle", 20, None)  # not reviewed
+    add("cable", 30, None)  # a product without any review: no category
+    assert records.flush(10)
+    assert records.engine is not None
+    for k, (rid, verdict) in enumerate(verdicts):
+        review_record(
+            records.engine, rid, verdict=verdict, note=None, reviewer="ann", at=t0 + timedelta(seconds=k)
+        )
+    records.stop()
+
+    out = tmp_path / "out"
+    argv = ["eval", str(data), "--layout", "records", "--demo", "--out", str(out), "--references", "1"]
+    argv += ["--target-frr", "0.5", "--map-size", "32", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["layout"] == "records" and set(report["categories"]) == {"bottle"}
+    c = report["categories"]["bottle"]
+    # 5 good images (1 reference, 2 calibrate, 2 tested) and 4 defect images
+    assert (c["n_references"], c["calibration"]["n"], c["n_test_good"], c["n_test_defect"]) == (1, 2, 2, 4)
+    assert report["run"]["images_scored"] == 2 + 2 + 4
+    assert any("1 reviewed records skipped" in n for n in c["notes"])
+    assert any("1 repeated images counted once" in n for n in c["notes"])
+
+    # a data dir without records is a clear error
+    argv = ["eval", str(tmp_path / "nothing"), "--layout", "records", "--demo", "--out", str(out)]
+    (tmp_path / "nothing").mkdir()
+    assert main([*argv, "--no-progress"]) == 2
+    assert "no records database" in capsys.readouterr().err

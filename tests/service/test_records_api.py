@@ -264,3 +264,38 @@ def test_degraded_database_keeps_inspecting_and_says_so(app_client):
         listed = client.get("/inspections")
         assert listed.status_code == 503 and listed.json()["error"]["code"] == "records_unavailable"
         assert "zsi_records_db_up 0.0" in client.get("/metrics").text
+
+
+def test_hostile_query_values_never_stall_the_records(app_client, db_settings):
+    """An unknown product or method name of any length or with NUL is recorded (cut to its
+    column, NUL removed) and never blocks the writer; NUL in a filter or a review is a 422."""
+    img = png_bytes(random_image(21))
+    with app_client(**db_settings) as (client, services):
+        refused = [
+            inspect(client, img, product="p" * 300),
+            inspect(client, img, product="a\x00b"),
+            inspect(client, img, method="m" * 100),
+        ]
+        assert [r.status_code for r in refused] == [404, 404, 422]
+        ok = inspect(client, img, product="bottle")
+        assert ok.status_code == 200
+        listed = client.get("/inspections", params={"limit": 10})
+        assert listed.status_code == 200, listed.json()
+        got = {x["id"]: x for x in listed.json()["inspections"]}
+        ids = [r.headers["x-inspection-id"] for r in refused]
+        assert set(ids) | {ok.json()["inspection_id"]} <= set(got)
+        assert got[ids[0]]["product"] == "p" * 64 and got[ids[1]]["product"] == "ab"
+        assert got[ids[2]]["method"] == "m" * 32
+        assert all(got[i]["timings_ms"]["total"] >= 0.0 for i in ids)  # a refusal's time is kept too
+        st = services.records.status()
+        assert st["state"] == "ok" and st["dropped"] == 0 and st["pending"] == 0
+
+        bad = client.get("/inspections", params={"product": "a\x00b"})
+        assert bad.status_code == 422, bad.json()
+        rid = ok.json()["inspection_id"]
+        r = client.put(
+            f"/inspections/{rid}/review", json={"verdict": "good", "reviewer": "x", "note": "a\x00"}
+        )
+        assert r.status_code == 422, r.json()
+        r = client.put(f"/inspections/{rid}/review", json={"verdict": "good", "reviewer": "x\x00"})
+        assert r.status_code == 422, r.json()

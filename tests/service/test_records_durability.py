@@ -166,7 +166,7 @@ def test_postgres_outage_mid_load(app_client, own_postgres):  # noqa: F811
         assert st["state"] == "ok" and st["pending"] == 0 and st["dropped"] == 0
         metrics = client.get("/metrics").text
         assert "zsi_records_pending 0.0" in metrics and "zsi_records_db_up 1.0" in metrics
-        for reason in ("journal_full", "write_error", "corrupt"):
+        for reason in ("journal_full", "write_error", "corrupt", "rejected"):
             assert f'zsi_records_dropped_total{{reason="{reason}"}} 0.0' in metrics
         listed = {x["id"] for x in client.get("/inspections", params={"limit": 500}).json()["inspections"]}
         assert set(ids) <= listed

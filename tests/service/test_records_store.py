@@ -196,6 +196,39 @@ def test_records_of_a_killed_process_are_stored_by_the_next(tmp_path):
         s.stop()
 
 
+def test_hostile_values_never_block_the_writer(tmp_path, db_url):
+    """Strings longer than their column or holding NUL (PostgreSQL refuses both) are stored
+    shortened / without NUL; a row the database still refuses is dropped and counted as
+    ``rejected``: the records after it are stored, and the writer stays ``ok``."""
+    s = service(tmp_path, db_url)
+    try:
+        long_product = draft(product="p" * 300, method="m" * 100, error_message="e" * 5000)
+        nul = draft(product="a\x00b", line="L\x001", model="x\x00y")
+        s.persist(long_product)
+        s.persist(nul)
+        refused = draft(image_bytes=2**40 if db_url is not None else None)  # integer column overflow
+        s.persist(refused)
+        after = draft()
+        s.persist(after)
+        assert s.flush(20), s.status()
+        assert s.status()["state"] == "ok"
+        engine = s.engine
+        assert engine is not None
+        got = get_record(engine, long_product["id"])
+        assert got["product"] == "p" * 64 and got["method"] == "m" * 32
+        got = get_record(engine, nul["id"])
+        assert got["product"] == "ab" and got["line"] == "L1" and got["model"] == "xy"
+        assert get_record(engine, after["id"])["product"] == "bottle"
+        if db_url is not None:  # PostgreSQL refuses the overflow: dropped AND counted
+            assert s.dropped["rejected"] == 1 and s.status()["dropped"] == 1
+            assert s.metrics.dropped.labels(reason="rejected")._value.get() == 1
+            assert count(s.engine) == 3
+        else:
+            assert count(s.engine) == 4 and s.status()["dropped"] == 0
+    finally:
+        s.stop()
+
+
 def test_unreachable_database_keeps_records_then_drops_and_counts_over_the_limit(tmp_path):
     port = free_port()  # nothing listens there
     s = service(
@@ -491,3 +524,18 @@ def test_migrations_ship_in_the_package():
     assert any(f.startswith("migrations/versions/") for f in files)
     for f in files:
         assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [("nonsense", "not a database URL"), ("mysql://u@h/db", "no driver"), ("foo://x", "not a database URL")],
+)
+def test_bad_database_url_is_refused_at_start_clearly(url, says):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match=f"ZSI_DATABASE_URL.*{says}"):
+        Settings(_env_file=None, database_url=url)  # type: ignore[call-arg]
+    for good in ("postgresql://u:p@h:5432/db", "postgres://u@h/db", "sqlite:////tmp/x.db"):
+        assert Settings(_env_file=None, database_url=good).database_url == good  # type: ignore[call-arg]

@@ -145,6 +145,9 @@ def test_too_many_tiles_is_a_clear_413(app_client) -> None:
         r = inspect(client, "product=big", img)
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_tiles", r.json()
         assert services.methods["winclip"].queue.stats.batches == 0
+        rec = client.get(f"/inspections/{r.headers['X-Inspection-Id']}").json()  # recorded, with its size
+        assert rec["status"] == 413 and rec["error"]["code"] == "too_many_tiles"
+        assert (rec["image"]["width"], rec["image"]["height"]) == (W, H) and rec["image"]["sha256"]
         small = random_image(14, 64, 96)  # 1 x 2 tiles
         assert inspect(client, "product=big", small).status_code == 200
 
