@@ -15,6 +15,9 @@ Prints:
   (the issue's example setting) and ``{"tile": 448, "overlap": 64}`` at image_size 448
   (tiles at their native resolution): seconds per image, tiles and batches.
 
+Where the CPU has no native bf16 (or ``ZSI_CPU_ISA=avx2`` caps it) the detectors run a
+bf16 request in fp32: bf16 is then not timed and the fallback is printed.
+
 Usage::
 
     python benchmarks/anomalydino_latency.py [--repeats 3] [--batch 1 4] [--sizes 252 448 672]
@@ -35,8 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models
-from models.anomalydino.detector import AnomalyDinoDetector, cpu_supports_bf16
+from models.anomalydino.detector import AnomalyDinoDetector
 from models.base import Detector, ReferenceSet
+from models.cpu import cpu_capabilities, resolve_precision
 from models.dinov2 import create_dinov2
 from models.tiling import TiledDetector, TilingConfig
 from models.winclip.detector import WinClipDetector
@@ -97,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("models: vit_small_patch14_dinov2 (AnomalyDINO) and ViT-B-16-plus-240 (WinCLIP+), RANDOM weights:")
     print("        timing only, scores are meaningless; 1 golden image (1-shot)")
+    print(cpu_capabilities().summary())
     precisions = ["fp32"]
     if not args.skip_bf16:
-        if cpu_supports_bf16():
-            precisions.append("bf16")
+        bf16 = resolve_precision("bf16", dev)  # the detectors' own decision (ZSI_CPU_ISA applies)
+        if bf16.fallback:
+            print(f"bf16: not timed; the detectors would run fp32 (timed below): {bf16.fallback}")
         else:
-            print("bf16: this CPU has no native bf16 support, skipped")
+            precisions.append("bf16")
 
     rng = np.random.default_rng(0)
     golden = rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)

@@ -22,6 +22,13 @@ from typing import Any
 
 DEMO_LABEL = "DEMO: tiny random-init model, not a real inspection result"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+#: methods of ``inspect`` and ``eval`` (MuSc scores a batch against itself: the service's stream mode)
+CLI_METHODS = ("winclip", "anomalyclip", "saa_plus", "anomalydino")
+
+
+def _requires_references(det: Any) -> bool:
+    """The detector has no zero-shot mode (AnomalyDINO): golden images are needed."""
+    return bool(det.describe().get("requires_references", False))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -119,6 +126,13 @@ def _inspect(args: argparse.Namespace) -> int:
     except models.WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not golden and _requires_references(det):
+        print(
+            f"error: method {method!r} compares each image with golden (defect-free) images of the "
+            "product: give them with --reference FILE_OR_DIR (repeatable) or --references PATH...",
+            file=sys.stderr,
+        )
+        return 2
     references = None
     if golden:
         refs = [_read_image(p) for p in _expand(golden)]
@@ -197,6 +211,13 @@ def _eval(args: argparse.Namespace) -> int:
             )
     except models.WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.references < 1 and _requires_references(det):
+        print(
+            f"error: method {args.method!r} compares each image with golden (defect-free) images: "
+            "run with --references N (golden images drawn per category, e.g. 1 or 4)",
+            file=sys.stderr,
+        )
         return 2
     if det.random_weights:
         print(f"warning: {DEMO_LABEL}", file=sys.stderr)
@@ -353,15 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "inspect",
         help="inspect image files",
-        description="Inspect image files; golden images (WinCLIP+ few-shot): --reference FILE_OR_DIR, "
+        description="Inspect image files; golden images (WinCLIP+ few-shot, AnomalyDINO): --reference FILE_OR_DIR, "
         "once per file or folder, e.g. `inspect part.png --reference golden/` or "
         "`inspect --reference a.png --reference b.png part.png`.",
     )
     i.add_argument("images", nargs="*", type=Path, help="image files or folders")
     i.add_argument(
         "--method",
-        choices=["winclip", "anomalyclip", "saa_plus"],
-        help="default: the product's, else winclip",
+        choices=list(CLI_METHODS),
+        help="default: the product's, else winclip; anomalydino needs --reference",
     )
     i.add_argument("--product", help="built-in product id (e.g. bottle, pcb1)")
     i.add_argument("--object-name", help="object name for the prompts (overrides the product's)")
@@ -370,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=Path,
         metavar="FILE_OR_DIR",
-        help="a golden (normal) image, or a folder of them: WinCLIP+ few-shot; repeat for more",
+        help="a golden (normal) image, or a folder of them: WinCLIP+ few-shot, AnomalyDINO; repeat for more",
     )
     i.add_argument(
         "--references",
@@ -409,7 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--layout records: the records database (default: $ZSI_DATABASE_URL, else the SQLite file "
         "under DATA_DIR)",
     )
-    e.add_argument("--method", default="winclip", choices=["winclip", "anomalyclip", "saa_plus"])
+    e.add_argument(
+        "--method",
+        default="winclip",
+        choices=list(CLI_METHODS),
+        help="default winclip; anomalydino needs --references N (golden images per category)",
+    )
     e.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     e.add_argument("--references", type=int, default=0, help="golden images per category (few-shot)")
     e.add_argument("--seed", type=int, default=0, help="seed of the golden/calibration draw (default 0)")

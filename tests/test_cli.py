@@ -120,3 +120,32 @@ def test_inspect_logs_no_third_party_info_lines(tmp_path: Path, capfd: pytest.Ca
         root.handlers, root.level = saved
     err = capfd.readouterr().err
     assert "INFO" not in err and "Loaded built-in" not in err, err
+
+
+def test_inspect_with_anomalydino_and_golden_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = _write_image(tmp_path / "part.png", seed=1)
+    golden = _write_image(tmp_path / "g1.png", seed=2)
+    out = str(tmp_path / "o")
+    args = ["inspect", "--method", "anomalydino", "--demo", "--reference", str(golden)]
+    assert main([*args, str(img), str(golden), "--out", out]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["method"] for r in lines] == ["anomalydino", "anomalydino"]
+    assert lines[0]["used_references"] is True and lines[0]["reference_count"] == 1
+    assert lines[1]["score"] < 1e-4  # the golden image is its own nearest neighbour
+
+
+def test_anomalydino_without_golden_images_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = _write_image(tmp_path / "part.png")
+    assert main(["inspect", "--method", "anomalydino", "--demo", str(img), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "golden" in err and "--reference" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    data = tmp_path / "data"
+    assert main(["make-demo-dataset", str(data)]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(data), "--method", "anomalydino", "--demo", "--out", str(tmp_path / "e")])
+    assert rc == 2 and "--references" in capsys.readouterr().err

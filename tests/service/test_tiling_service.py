@@ -84,6 +84,40 @@ def test_tiled_product_answers_as_the_tiled_detector(app_client) -> None:
         assert few["score"] == pytest.approx(want_w.score, abs=1e-5)
 
 
+def test_a_small_defect_is_in_the_regions_of_a_tiled_answer(app_client) -> None:
+    """A 7 px bright spot on a 400 px wide part (< 1/50 of the width), end to end.
+
+    The product threshold is set halfway between the median and the maximum of the
+    tiled map; the answer's ``regions`` (what a line acts on) then hold the defect and
+    nothing else, while the same product untiled flags nothing there.
+    """
+    h, w, (y, x, s) = 300, 400, (201, 297, 7)
+    assert s < w / 50
+    golden = np.clip(120 + np.random.default_rng(1).normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+    test = np.clip(120 + np.random.default_rng(2).normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+    test[y : y + s, x : x + s] = 255
+    tiling = {"tile": 56, "overlap": 8}  # the tiny model's own input size: 7 x 9 = 63 tiles
+    with app_client(methods=("anomalydino",), max_tiles=100) as (client, services):
+        dino = services.methods["anomalydino"].detector
+        direct = tiled(dino, tiling)
+        want = direct.predict(test, references=direct.encode_references([golden]))
+        thr = 0.5 * (float(want.anomaly_map.max()) + float(np.median(want.anomaly_map)))
+        for pid, extra in (("line", {"tiling": tiling}), ("whole", {})):
+            body = {"object_name": "plate", "threshold": thr, **extra}
+            assert client.put(f"/products/{pid}", json=body).status_code == 201
+            assert client.post(f"/products/{pid}/references", files=files_of([golden])).status_code == 200
+
+        def hits(r: dict[str, int]) -> bool:
+            return r["x0"] <= x + s - 1 and x <= r["x1"] and r["y0"] <= y + s - 1 and y <= r["y1"]
+
+        got = inspect(client, "product=line", test).json()
+        assert got["details"]["tiling"]["tiles"] == 63 and got["threshold"] == pytest.approx(thr)
+        assert got["decision"] == "anomalous" and got["regions"], got["regions"]
+        assert hits(got["regions"][0]) and all(hits(r) for r in got["regions"])
+        plain = inspect(client, "product=whole", test).json()
+        assert "tiling" not in plain["details"] and not any(hits(r) for r in plain["regions"])
+
+
 def test_tiling_with_zero_shot_winclip(app_client) -> None:
     img = random_image(11, H, W)
     with app_client(methods=("winclip",)) as (client, services):
