@@ -6,14 +6,19 @@ scores): DINOv2 ``vit_small_patch14_dinov2`` for AnomalyDINO, open_clip
 Prints:
 
 - AnomalyDINO seconds per image at ``image_size`` 448 and 672 (the paper's sizes; 252,
-  anomalib's default, for reference), fp32 and bf16, at batch 1 and batch 4;
+  anomalib's default, for reference), fp32 and bf16, at batch 1 and batch 4. The sizes
+  are ints: the SHORTER side is resized to them, aspect kept (anomalib's int
+  ``image_size``, the paper's setting); the default 900x900 images (MVTec-like squares)
+  thus run at 448x448 and 672x672. ``--image-shape H W`` times other frames (a
+  2048x2448 camera frame at 448 runs at 448x535: 20 % more tokens);
 - WinCLIP+ seconds per image (same precision and batch), each WinCLIP+ call
   interleaved with an AnomalyDINO call, and the ratio AnomalyDINO / WinCLIP+ as the
   median over these pairs (robust to a drifting load; below 1 = AnomalyDINO is faster);
 - the backbone FLOPs per image of each configuration (counted from the shapes);
 - a 2448x2048 image with tiling: ``{"tile": 518, "overlap": 64}`` at image_size 252
   (the issue's example setting) and ``{"tile": 448, "overlap": 64}`` at image_size 448
-  (tiles at their native resolution): seconds per image, tiles and batches.
+  (square tiles: 252x252 and 448x448 inputs, the latter at native resolution):
+  seconds per image, tiles and batches.
 
 Where the CPU has no native bf16 (or ``ZSI_CPU_ISA=avx2`` caps it) the detectors run a
 bf16 request in fp32: bf16 is then not timed and the fallback is printed.
@@ -21,7 +26,7 @@ bf16 request in fp32: bf16 is then not timed and the fallback is printed.
 Usage::
 
     python benchmarks/anomalydino_latency.py [--repeats 3] [--batch 1 4] [--sizes 252 448 672]
-        [--threads N] [--skip-bf16] [--skip-tiled]
+        [--image-shape 900 900] [--threads N] [--skip-bf16] [--skip-tiled]
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ def vit_flops(width: int, layers: int, seq_len: int, mlp_ratio: float = 4.0) -> 
 WINCLIP_TFLOP = 0.673  # counted in benchmarks/winclip_latency.py (2,896 tokens x 12 layers, width 896)
 
 
-def dino_flops(det: AnomalyDinoDetector) -> float:
-    gh, gw = (s // det.backbone.patch_size for s in det.image_size)
+def dino_flops(det: AnomalyDinoDetector, height: int, width: int) -> float:
+    """Backbone FLOPs for one ``height x width`` image (its resized, cropped patch grid)."""
+    gh, gw = (s // det.backbone.patch_size for s in det.input_size(height, width))
     vit = det.backbone.model
     return vit_flops(det.backbone.embed_dim, len(vit.blocks), 1 + gh * gw)  # type: ignore[arg-type]
 
@@ -80,7 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (min is reported)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[252, 448, 672])
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[252, 448, 672],
+        help="AnomalyDINO image_size: the shorter side",
+    )
+    ap.add_argument(
+        "--image-shape",
+        type=int,
+        nargs=2,
+        default=[900, 900],
+        metavar=("H", "W"),
+        help="test image height, width",
+    )
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--skip-tiled", action="store_true")
     ap.add_argument(
@@ -111,15 +131,17 @@ def main(argv: list[str] | None = None) -> int:
             precisions.append("bf16")
 
     rng = np.random.default_rng(0)
-    golden = rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)
-    images = [rng.integers(0, 256, (900, 900, 3), dtype=np.uint8) for _ in range(max(args.batch))]
+    ih, iw = args.image_shape
+    golden = rng.integers(0, 256, (ih, iw, 3), dtype=np.uint8)
+    images = [rng.integers(0, 256, (ih, iw, 3), dtype=np.uint8) for _ in range(max(args.batch))]
+    print(f"images {ih}x{iw} (height x width); AnomalyDINO image_size = the shorter side, aspect kept")
 
     win32 = models.load_detector("winclip", weights=models.RANDOM_INIT, device=dev)
     assert isinstance(win32, WinClipDetector)
     backbone = create_dinov2("vit_small_patch14_dinov2", models.RANDOM_INIT, device=dev)
     # On a shared machine the load drifts: each AnomalyDINO measurement is interleaved with
     # a WinCLIP+ measurement of the same precision and batch, and the ratio is taken per pair.
-    rows = []  # size, precision, batch, dino s/img, winclip+ s/img, median pair ratio, TFLOP/img
+    rows = []  # size, precision, batch, dino s/img, winclip+ s/img, median pair ratio, TFLOP/img, input
     dino_results: dict[tuple[int, str], list[models.AnomalyResult]] = {}
     for p in precisions:
         win = (
@@ -130,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             det = AnomalyDinoDetector(backbone=backbone, device=dev, image_size=size, precision=p)
             drefs = det.encode_references([golden])
             for b in args.batch:
-                tw, td, pairs = [], [], []
+                tw: list[float] = []
+                td: list[float] = []
+                pairs: list[float] = []
                 for _ in range(args.repeats):
                     w_sec, _ = time_per_image(win, images[:b], wrefs, 1, warm=not tw)
                     d_sec, res = time_per_image(det, images[:b], drefs, 1, warm=not td)
@@ -138,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                     td.append(d_sec)
                     pairs.append(d_sec / w_sec)
                 dino_results[(size, p)] = res
-                row = (size, p, b, min(td), min(tw), float(np.median(pairs)), dino_flops(det) / 1e12)
+                th, tw_ = det.input_size(ih, iw)
+                flops = dino_flops(det, ih, iw) / 1e12
+                row = (size, p, b, min(td), min(tw), float(np.median(pairs)), flops, f"{th}x{tw_}")
                 rows.append(row)
                 print(
-                    f"  anomalydino@{size} {p} batch {b}: {min(td):.3f} s/image; winclip+ {min(tw):.3f} s/image; "
+                    f"  anomalydino@{size} ({th}x{tw_} input) {p} batch {b}: {min(td):.3f} s/image; "
+                    f"winclip+ {min(tw):.3f} s/image; "
                     f"pair ratios {', '.join(f'{r:.2f}' for r in pairs)}",
                     flush=True,
                 )
@@ -149,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"WinCLIP+ backbone: {WINCLIP_TFLOP:.3f} TFLOP/image (ViT-B-16-plus-240, image + 365 windows)")
     print(
-        "method/size        precision  batch  s/image  TFLOP/img  winclip+ s/image  ratio (median of pairs)"
+        "method/size        input     precision  batch  s/image  TFLOP/img  winclip+ s/image  "
+        "ratio (median of pairs)"
     )
-    for size, p, b, d_sec, w_sec, ratio, tf in rows:
-        print(f"anomalydino@{size:<6d} {p:9s}  {b:5d}  {d_sec:7.3f}  {tf:9.4f}  {w_sec:16.3f}  {ratio:.3f}")
+    for size, p, b, d_sec, w_sec, ratio, tf, hw in rows:
+        print(
+            f"anomalydino@{size:<6d} {hw:9s} {p:9s}  {b:5d}  {d_sec:7.3f}  {tf:9.4f}  {w_sec:16.3f}  {ratio:.3f}"
+        )
     for size in args.sizes:
         if (size, "bf16") in dino_results:
             a, c = dino_results[(size, "fp32")], dino_results[(size, "bf16")]
@@ -167,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         big = rng.integers(0, 256, (2048, 2448, 3), dtype=np.uint8)
         for size, tiling in ((252, {"tile": 518, "overlap": 64}), (448, {"tile": 448, "overlap": 64})):
             inner = AnomalyDinoDetector(backbone=backbone, device=dev, image_size=size)
-            det = TiledDetector(inner, TilingConfig.from_dict(tiling) or TilingConfig(tile=518))
+            tiled = TiledDetector(inner, TilingConfig.from_dict(tiling) or TilingConfig(tile=518))
             t0 = time.perf_counter()
-            refs = det.encode_references([big_golden])
+            refs = tiled.encode_references([big_golden])
             t_enc = time.perf_counter() - t0
-            sec, res = time_per_image(det, [big], refs, max(1, args.repeats - 1))
+            sec, res = time_per_image(tiled, [big], refs, max(1, args.repeats - 1))
             info = res[0].details["tiling"]
             print(
                 f"  anomalydino@{size} tiling {tiling}: {sec:.2f} s/image "

@@ -213,31 +213,65 @@ def position_embedding(model: Any, grid: tuple[int, int], *, antialias: bool = F
     )
 
 
+#: a model input size as anomalib 2.7 / torchvision ``Resize`` take it: an int resizes the
+#: SHORTER side to it (aspect kept), ``(height, width)`` resizes to exactly that
+ImageSize = int | tuple[int, int]
+
+
+def resized_size(height: int, width: int, size: ImageSize) -> tuple[int, int]:
+    """``(height, width)`` that torchvision v2 ``Resize(size)`` gives an ``height x width`` image.
+
+    An int ``s``: the shorter side becomes ``s``, the longer ``int(s * long / short)``
+    (float division, then truncation, as torchvision's ``_compute_resized_output_size``;
+    a square image gives ``s x s``). A pair: exactly ``(size[0], size[1])``.
+    """
+    if isinstance(size, int):
+        if width <= height:
+            return int(size * height / width), size  # width is the shorter side
+        return size, int(size * width / height)
+    return int(size[0]), int(size[1])
+
+
 def preprocess(
     images: list[np.ndarray],
-    size: tuple[int, int],
+    size: ImageSize,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """``HWC uint8 RGB`` images -> ``[B, 3, size[0], size[1]]`` float32, ImageNet-normalised.
+    """``HWC uint8 RGB`` images -> ``[B, 3, h, w]`` float32, ImageNet-normalised.
 
     Each image alone, as anomalib 2.7 reads it (``read_image(as_tensor=True)``: torchvision
     ``to_dtype(scale=True)``, i.e. ``x * (1 / 255)`` in float32, not ``x / 255``) and
-    pre-processes it: resized bicubic with antialias (torchvision ``Resize(...,
-    antialias=True, interpolation=BICUBIC)`` on the float tensor; no rounding; no aspect
-    keep; skipped when the image already has that size), then ``(x - mean) / std``.
+    pre-processes it: resized bicubic with antialias (torchvision ``Resize(size,
+    antialias=True, interpolation=BICUBIC)`` on the float tensor; no rounding), then
+    ``(x - mean) / std``. ``size``: an int resizes the shorter side to it, aspect kept
+    (:func:`resized_size`); ``(h, w)`` exactly. An image already at its resized size is
+    not resampled (as torchvision).
+
+    Raises:
+        ValueError: the images resize to different sizes (group them by
+            :func:`resized_size` first: one tensor holds one size).
     """
     batch = []
+    out_size: tuple[int, int] | None = None
     for i, img in enumerate(images):
         check_image(img, f"image {i}")
+        target = resized_size(int(img.shape[0]), int(img.shape[1]), size)
+        if out_size is None:
+            out_size = target
+        elif target != out_size:
+            raise ValueError(
+                f"image {i} resizes to {target[0]}x{target[1]}, image 0 to {out_size[0]}x{out_size[1]}: "
+                "one call takes images of one resized size (group them by models.dinov2.resized_size)"
+            )
         arr = np.ascontiguousarray(img)
         if not arr.flags.writeable:  # torch.from_numpy needs a writable buffer
             arr = arr.copy()
         t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, H, W]
         t = t.mul_(1.0 / 255)  # in [0, 1], as torchvision to_dtype(scale=True)
-        if tuple(t.shape[-2:]) != tuple(size):
-            t = F.interpolate(t, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+        if tuple(t.shape[-2:]) != target:
+            t = F.interpolate(t, size=target, mode="bicubic", align_corners=False, antialias=True)
         batch.append(t)
     x = torch.cat(batch).to(device)  # [B, 3, h, w]
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -290,6 +324,7 @@ __all__ = [
     "TINY_ARCH",
     "Dinov2Arch",
     "Dinov2Backbone",
+    "ImageSize",
     "arch_spec",
     "build_model",
     "create_dinov2",
@@ -299,4 +334,5 @@ __all__ = [
     "position_embedding",
     "preprocess",
     "read_weights",
+    "resized_size",
 ]

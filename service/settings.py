@@ -75,9 +75,11 @@ class Settings(BaseSettings):
         default=448,
         ge=28,
         le=1344,
-        description="AnomalyDINO input size (the paper's 448; 252 = anomalib's default, faster, coarser; "
-        "672 finer, ~3x the time of 448). Changing it changes the banks' model key: golden images are "
-        "encoded again on their next upload. Demo mode keeps the tiny model's own size.",
+        description="AnomalyDINO input size: each image's SHORTER side is resized to it, aspect kept "
+        "(anomalib's int image_size; a 2448x2048 (width x height) image at 448 becomes 535x448). The "
+        "paper's 448 (default); 252 faster, coarser; 672 finer, ~2.3x the tokens of 448. Part of the "
+        "banks' model key (.../short448): after a change, golden images are encoded again on their next "
+        "upload. Demo mode keeps the tiny model's own size (shorter side 56).",
     )
     max_tiles: int = Field(
         default=64,

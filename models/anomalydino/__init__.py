@@ -44,7 +44,9 @@ def build_anomalydino(
             or a ``torch.save`` state dict; or ``RANDOM_INIT`` (tests / labelled demo).
         backbone: ``vit_small_patch14_dinov2`` (default), ``vit_base_patch14_dinov2``,
             ``vit_large_patch14_dinov2`` or ``tiny-dinov2-test``.
-        image_size: model input size (252 default as anomalib; 448 and 672 as in the paper).
+        image_size: model input size as anomalib: ``(252, 252)`` by default (exact
+            ``(height, width)``); an int resizes the SHORTER side to it, aspect kept (the
+            paper's 448 and 672).
         other options: see :class:`AnomalyDinoDetector`. Other keywords (``cache``...) are ignored.
     """
     bb = create_dinov2(backbone, weights, device=device)

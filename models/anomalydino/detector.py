@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 
 from models.anomalydino.torch_model import (
     AnomalyDinoModel,
-    AnomalyDinoOutput,
     PatchFeatures,
     kcenter_greedy,
 )
@@ -32,7 +32,7 @@ from models.base import (
     image_hash,
 )
 from models.cpu import checked_precision
-from models.dinov2 import Dinov2Backbone, preprocess
+from models.dinov2 import Dinov2Backbone, ImageSize, preprocess, resized_size
 
 if TYPE_CHECKING:
     from prompts import ProductRecipe
@@ -40,23 +40,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_IMAGE_SIZE = 252  # anomalib's default; the paper also reports 448 and 672
+#: anomalib's default, a square; the paper's 448 and 672 are shorter-side sizes (ints)
+DEFAULT_IMAGE_SIZE: tuple[int, int] = (252, 252)
 #: tokens per backbone pass on CPU: sub-batches of whole images keep activations cache-sized
-#: (about 12 images at 252, 4 at 448, 1 at 672); results do not depend on it
+#: (about 12 images at 252x252, 4 at 448x448, 1 at 672x672); results do not depend on it
 CPU_TOKENS_PER_PASS = 4096
 PROMPT_DIGEST = "none"  # AnomalyDINO uses no text prompts
 BANK = "bank"  # name of the ReferenceSet array: [M, D] float32 L2-normalised patch features
 
 
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+def _as_size(image_size: int | Sequence[int]) -> ImageSize:
+    """``image_size`` as anomalib takes it: an int (shorter side) or an exact ``(height, width)``."""
+    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
+        return int(image_size)
+    if isinstance(image_size, (str, bytes, bool)) or not isinstance(image_size, Sequence):
+        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+    vals = tuple(int(v) for v in image_size)
+    if len(vals) != 2:
+        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+    return vals[0], vals[1]
+
+
+def size_tag(image_size: ImageSize) -> str:
+    """``short448`` for a shorter-side size, ``448x448`` for an exact one (model keys, logs)."""
     if isinstance(image_size, int):
-        size = (image_size, image_size)
-    else:
-        vals = tuple(int(v) for v in image_size)
-        if len(vals) != 2:
-            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
-        size = (vals[0], vals[1])
-    return size
+        return f"short{image_size}"
+    return f"{image_size[0]}x{image_size[1]}"
 
 
 class AnomalyDinoDetector(Detector):
@@ -69,10 +78,13 @@ class AnomalyDinoDetector(Detector):
     Args:
         backbone: loaded DINOv2 (:func:`models.dinov2.create_dinov2`).
         device: torch device string.
-        image_size: model input size, int or ``(height, width)``; every image is resized
-            to it (bicubic, antialiased). anomalib default 252 (18x18 patches); the paper
-            also reports 448 (32x32) and 672 (48x48): finer detail, about 3x and 7x the
-            tokens of 252.
+        image_size: model input size as anomalib 2.7 ``configure_pre_processor`` takes it
+            (torchvision ``Resize``, bicubic, antialiased): an int resizes the SHORTER side
+            to it and keeps the aspect ratio (longer side ``int(s * long / short)``), a
+            ``(height, width)`` resizes to exactly that. Default ``(252, 252)`` as anomalib
+            (18x18 patches); the paper uses shorter sides 448 (32x32 patches on a square
+            image) and 672 (48x48): finer detail, about 3x and 7x the tokens of 252.
+            The input is then centre-cropped to a multiple of the patch size.
         num_neighbours: ``k`` nearest bank patches averaged (anomalib default 1).
         masking: PCA background masking (anomalib ``masking``; for objects on a plain
             background, see the paper: it helps some MVTec objects, hurts textures).
@@ -80,8 +92,8 @@ class AnomalyDinoDetector(Detector):
         sampling_ratio: coreset fraction kept (anomalib default 0.1).
         precision: ``fp32`` (default) or ``bf16`` for the backbone (``fp16`` on CUDA);
             distances, scores and maps are float32.
-        pass_batch: images per backbone pass (``None``: about 4096 tokens' worth on CPU, the
-            whole batch on GPU).
+        pass_batch: images per backbone pass (``None``: about 4096 tokens' worth on CPU,
+            counted from each group's real input size; the whole group on GPU).
     """
 
     method = "anomalydino"
@@ -103,10 +115,13 @@ class AnomalyDinoDetector(Detector):
         self.device = str(device)
         self.precision_choice = checked_precision(precision, self.device, method=self.method)
         self.precision = self.precision_choice.effective  # what runs
-        self.image_size = _as_size(image_size)
+        self.image_size: ImageSize = _as_size(image_size)
         min_side = 2 * backbone.patch_size  # the blur's reflect border needs > 16 px after the crop
-        if min(self.image_size) < min_side:
+        sides = (self.image_size,) if isinstance(self.image_size, int) else self.image_size
+        if min(sides) < min_side:
             raise ValueError(f"image_size must be at least {min_side} px per side, got {self.image_size}")
+        if pass_batch is not None and int(pass_batch) < 1:
+            raise ValueError(f"pass_batch must be >= 1 or None, got {pass_batch}")
         if int(num_neighbours) < 1:
             raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
         if not 0.0 < float(sampling_ratio) <= 1.0:
@@ -119,11 +134,8 @@ class AnomalyDinoDetector(Detector):
         self.masking = bool(masking)
         self.coreset_subsampling = bool(coreset_subsampling)
         self.sampling_ratio = float(sampling_ratio)
-        on_cpu = not self.device.startswith("cuda")
-        if pass_batch is None and on_cpu:
-            gh, gw = (s // backbone.patch_size for s in self.image_size)
-            pass_batch = max(1, CPU_TOKENS_PER_PASS // (gh * gw))
-        self.pass_batch = pass_batch
+        self.on_cpu = not self.device.startswith("cuda")
+        self.pass_batch = None if pass_batch is None else int(pass_batch)
         dtype = _PRECISIONS[self.precision]
         # a low-precision COPY: the backbone may be shared with an fp32 detector
         vit = backbone.model if dtype == torch.float32 else copy.deepcopy(backbone.model).to(dtype)
@@ -140,12 +152,13 @@ class AnomalyDinoDetector(Detector):
     def model_key(self) -> str:
         """``method/model/weights`` plus what shapes the memory bank (size, masking, coreset).
 
-        A bank encoded at another ``image_size`` or with other masking/coreset settings
-        does not fit, so it is refused (:class:`models.base.ReferenceMismatchError`) and
-        a service recomputes it. ``num_neighbours`` and ``precision`` do not change it.
+        The size is ``short448`` for an int ``image_size`` (shorter side) and ``448x448``
+        for an exact one: a bank encoded at another size, under the other meaning of the
+        size, or with other masking/coreset settings does not fit, so it is refused
+        (:class:`models.base.ReferenceMismatchError`) and a service recomputes it.
+        ``num_neighbours``, ``precision`` and ``pass_batch`` do not change it.
         """
-        h, w = self.image_size
-        key = f"{self.method}/{self.model_name}/{self.weights_tag}/{h}x{w}"
+        key = f"{self.method}/{self.model_name}/{self.weights_tag}/{size_tag(self.image_size)}"
         if self.masking:
             key += "/masking"
         if self.coreset_subsampling:
@@ -168,7 +181,7 @@ class AnomalyDinoDetector(Detector):
         return {
             **super().describe(),
             **self._precision_details(),
-            "image_size": list(self.image_size),
+            "image_size": self._size_detail(),
             "num_neighbours": self.num_neighbours,
             "masking": self.masking,
             "coreset_subsampling": self.coreset_subsampling,
@@ -177,13 +190,40 @@ class AnomalyDinoDetector(Detector):
         }
 
     # ------------------------------------------------------------------ features
-    def _chunks(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        n = self.pass_batch or len(images)
-        return [list(images[i : i + n]) for i in range(0, len(images), n)]
+    def _size_detail(self) -> int | list[int]:
+        """``image_size`` for JSON: the int (shorter side) or ``[height, width]``."""
+        return self.image_size if isinstance(self.image_size, int) else list(self.image_size)
 
-    def _extract(self, images: list[np.ndarray]) -> PatchFeatures:
-        pixels = preprocess(images, self.image_size, self.backbone.mean, self.backbone.std, self.device)
-        return self.model.extract(pixels)
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The model input ``(h, w)`` of an ``height x width`` image: resized, before the crop."""
+        return resized_size(height, width, self.image_size)
+
+    def _per_pass(self, input_size: tuple[int, int]) -> int | None:
+        """Images per backbone pass at ``input_size`` (``None``: all of them)."""
+        if self.pass_batch is not None or not self.on_cpu:
+            return self.pass_batch
+        p = self.backbone.patch_size
+        tokens = (input_size[0] // p) * (input_size[1] // p)  # the cropped grid
+        return max(1, CPU_TOKENS_PER_PASS // tokens)
+
+    def _passes(self, images: Sequence[np.ndarray]) -> Iterator[tuple[list[int], PatchFeatures]]:
+        """``(indices, features)`` per backbone pass: images grouped by input size, in chunks.
+
+        One pass holds images of one resized size (one tensor); groups come in the
+        order of their first image, indices ascending within a group. Features do not
+        depend on the grouping or chunking (each image is resized and encoded alone).
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(self.input_size(int(img.shape[0]), int(img.shape[1])), []).append(i)
+        for size, idx in groups.items():
+            n = self._per_pass(size) or len(idx)
+            for start in range(0, len(idx), n):
+                chunk = idx[start : start + n]
+                pixels = preprocess(
+                    [images[i] for i in chunk], size, self.backbone.mean, self.backbone.std, self.device
+                )  # [b, 3, h, w]
+                yield chunk, self.model.extract(pixels)
 
     @torch.no_grad()
     def encode_references(
@@ -203,7 +243,11 @@ class AnomalyDinoDetector(Detector):
             raise ValueError("at least one golden (reference) image is needed")
         for i, img in enumerate(images):
             check_image(img, f"reference image {i}")
-        bank = AnomalyDinoModel.bank_from([self._extract(chunk) for chunk in self._chunks(images)])
+        rows: list[torch.Tensor] = [torch.zeros(0)] * len(images)
+        for idx, feats in self._passes(images):
+            for j, i in enumerate(idx):
+                rows[i] = feats.features[j][feats.masks[j]]  # [m_i, D] foreground patches
+        bank = torch.cat(rows)  # [M, D], image-major in input order (coreset draws depend on it)
         if bank.shape[0] == 0:
             raise ValueError(
                 "background masking removed every patch of the golden images; use masking=False for this product"
@@ -260,20 +304,25 @@ class AnomalyDinoDetector(Detector):
         bank = self.bank_tensor(references)
         t_bank = time.perf_counter() - t0
         t_encode = t_score = 0.0
-        outs: list[AnomalyDinoOutput] = []
-        for chunk in self._chunks(images):
+        raw_scores: list[float] = [0.0] * len(images)
+        raw_maps: list[torch.Tensor] = [torch.zeros(0)] * len(images)  # each [h, w] at its input size
+        passes = self._passes(images)
+        while True:
             ta = time.perf_counter()
-            feats = self._extract(chunk)
+            step = next(passes, None)
+            if step is None:
+                break
+            idx, feats = step
             tb = time.perf_counter()
-            outs.append(self.model.score(feats, bank))
+            out = self.model.score(feats, bank)
+            for j, i in enumerate(idx):
+                raw_scores[i] = float(out.pred_score[j])
+                raw_maps[i] = out.anomaly_map[j]
             t_encode += tb - ta
             t_score += time.perf_counter() - tb
         t1 = time.perf_counter()
-        raw_scores = torch.cat([o.pred_score for o in outs])  # [B]
-        raw_maps = torch.cat([o.anomaly_map for o in outs])  # [B, H', W']
         maps: list[np.ndarray] = []
-        for i, img in enumerate(images):
-            m = raw_maps[i]
+        for img, m in zip(images, raw_maps, strict=True):
             h, w = int(img.shape[0]), int(img.shape[1])
             if (h, w) != tuple(m.shape):
                 shrink = h < m.shape[0] or w < m.shape[1]
@@ -288,7 +337,7 @@ class AnomalyDinoDetector(Detector):
         timings = {"bank": t_bank, "encode": t_encode, "score": t_score, "resize": t2 - t1}
         details_common = {
             **self._precision_details(),
-            "image_size": list(self.image_size),
+            "image_size": self._size_detail(),
             "num_neighbours": self.num_neighbours,
             "masking": self.masking,
             "bank_size": int(bank.shape[0]),
@@ -296,8 +345,8 @@ class AnomalyDinoDetector(Detector):
             "batch_size": len(images),
         }
         results = []
-        for i, amap in enumerate(maps):
-            raw = float(raw_scores[i])
+        for img, raw, amap in zip(images, raw_scores, maps, strict=True):
+            input_hw = self.input_size(int(img.shape[0]), int(img.shape[1]))
             results.append(
                 AnomalyResult(
                     score=min(max(raw / 2.0, 0.0), 1.0),
@@ -309,7 +358,7 @@ class AnomalyDinoDetector(Detector):
                     used_references=True,
                     random_weights=self.random_weights,
                     timings=dict(timings),
-                    details={**details_common, "raw_score": raw},
+                    details={**details_common, "raw_score": raw, "input_size": list(input_hw)},
                 )
             )
         return results
@@ -319,4 +368,5 @@ __all__ = [
     "BANK",
     "DEFAULT_IMAGE_SIZE",
     "AnomalyDinoDetector",
+    "size_tag",
 ]

@@ -37,9 +37,13 @@ def pos_embed_without_antialias() -> Iterator[None]:
         vit.resample_abs_pos_embed = original
 
 
-def pixels(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+def pixels(images: Sequence[np.ndarray], size: int | tuple[int, int]) -> torch.Tensor:
     """anomalib 2.7, per image: ``read_image(as_tensor=True)`` (``to_dtype(to_image(pil),
-    float32, scale=True)``), then the pre-processor: Resize(bicubic, antialias), Normalize."""
+    float32, scale=True)``), then the pre-processor: Resize(bicubic, antialias), Normalize.
+
+    ``size`` goes to torchvision's ``Resize`` as anomalib passes ``image_size``: an int
+    resizes the shorter side (aspect kept), a pair to exactly ``(h, w)``. The images
+    must come out at one size (they are concatenated)."""
     tr = Compose(
         [Resize(size, antialias=True, interpolation=InterpolationMode.BICUBIC), Normalize(MEAN, STD)]
     )
@@ -117,17 +121,22 @@ def blur(m: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
 def encode(
     vit: torch.nn.Module,
     golden: Sequence[np.ndarray],
-    size: tuple[int, int],
+    size: int | tuple[int, int],
     patch: int = 14,
     masking: bool = False,
 ) -> torch.Tensor:
-    x, _ = crop(pixels(golden, size), patch)
-    f = features(vit, x)
-    if masking:
-        grid = (x.shape[-2] // patch, x.shape[-1] // patch)
-        f = f[torch.from_numpy(masks(f, grid))]
-    else:
-        f = f.reshape(-1, f.shape[-1])
+    """The bank: each golden image alone (an int ``size`` gives each its own shape), stacked."""
+    rows = []
+    for img in golden:
+        x, _ = crop(pixels([img], size), patch)
+        f = features(vit, x)
+        if masking:
+            grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+            f = f[torch.from_numpy(masks(f, grid))]
+        else:
+            f = f.reshape(-1, f.shape[-1])
+        rows.append(f)
+    f = torch.cat(rows)
     return f / f.norm(dim=1, keepdim=True)
 
 
@@ -135,7 +144,7 @@ def predict(
     vit: torch.nn.Module,
     bank: torch.Tensor,
     images: Sequence[np.ndarray],
-    size: tuple[int, int],
+    size: int | tuple[int, int],
     patch: int = 14,
     k: int = 1,
     masking: bool = False,

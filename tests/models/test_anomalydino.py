@@ -21,7 +21,7 @@ from models import (
     load_tiny_detector,
     method_spec,
 )
-from models.anomalydino.detector import AnomalyDinoDetector
+from models.anomalydino.detector import DEFAULT_IMAGE_SIZE, AnomalyDinoDetector
 from models.anomalydino.torch_model import (
     CropBox,
     background_masks,
@@ -97,6 +97,45 @@ def test_tiny_parity_with_three_neighbours() -> None:
 
 
 @pytest.fixture(scope="module")
+def tiny_short56():
+    """An int image_size: the shorter side becomes 56, the aspect ratio is kept (anomalib, torchvision)."""
+    return load_tiny_detector("anomalydino", image_size=56)
+
+
+def test_int_image_size_resizes_the_shorter_side_as_torchvision(tiny_short56) -> None:
+    # torchvision Resize(56): 480x640 -> 56x74 (74.67 truncated), 517x333 -> 86x56, squares stay square
+    for (h, w), expected in {(480, 640): (56, 74), (517, 333): (86, 56), (90, 90): (56, 56)}.items():
+        assert tiny_short56.input_size(h, w) == expected
+        assert tuple(ref.pixels([texture(0, h, w)], 56).shape[-2:]) == expected
+    assert tiny_short56.input_size(480, 640) == AnomalyDinoDetector(
+        backbone=tiny_short56.backbone, image_size=(56, 74)
+    ).input_size(480, 640)
+
+
+def test_tiny_parity_with_int_image_size_on_non_square_images(tiny_short56) -> None:
+    # each image keeps its aspect: 640x480 and 333x517 frames get different model inputs
+    golden = [texture(50, 480, 640), texture(51, 517, 333)]
+    tests = [
+        perturbed(golden[0], 52),
+        perturbed(golden[1], 53, 90),
+        texture(54, 640, 480),
+        texture(55, 60, 90),
+    ]
+    assert_matches_reference(tiny_short56, golden, tests)
+    res = tiny_short56.predict(tests[1], references=tiny_short56.encode_references(golden))
+    assert res.details["image_size"] == 56 and res.details["input_size"] == [86, 56]
+    # bank: 4x5 patches of the 56x74 input (crop 56x70) + 6x4 of the 86x56 one (crop 84x56)
+    assert tiny_short56.encode_references(golden).arrays["bank"].shape[0] == 4 * 5 + 6 * 4
+
+
+def test_tiny_parity_with_int_image_size_and_masking() -> None:
+    det = load_tiny_detector("anomalydino", image_size=112, masking=True)
+    golden = [object_on_background(60, 150, 200), object_on_background(61, 210, 140)]
+    tests = [perturbed(object_on_background(62, 150, 200), 63), object_on_background(64, 210, 140)]
+    assert_matches_reference(det, golden, tests, masking=True)
+
+
+@pytest.fixture(scope="module")
 def vit_s14():
     """The real ViT-S/14 architecture on (seeded) random weights, built once for the slow tests."""
     from models.dinov2 import create_dinov2
@@ -113,6 +152,16 @@ def test_vit_s14_random_init_parity_at_224(vit_s14) -> None:
     assert_matches_reference(det, golden, tests)
     det = AnomalyDinoDetector(backbone=vit_s14, image_size=(230, 250), num_neighbours=3)
     assert_matches_reference(det, golden[:1], tests[:1], k=3)
+
+
+@pytest.mark.slow
+def test_vit_s14_random_init_parity_with_int_image_size(vit_s14) -> None:
+    """The real ViT-S/14 (random init), shorter side 224 on a 640x480 and a 333x517 frame."""
+    det = AnomalyDinoDetector(backbone=vit_s14, image_size=224)
+    assert det.input_size(480, 640) == (224, 298) and det.input_size(517, 333) == (347, 224)
+    golden = [texture(70, 480, 640), texture(71, 517, 333)]
+    tests = [perturbed(golden[0], 72), perturbed(golden[1], 73, 80), texture(74, 640, 480)]
+    assert_matches_reference(det, golden, tests)
 
 
 @pytest.mark.slow
@@ -216,7 +265,7 @@ def test_pixels_are_bit_equal_to_anomalib(h: int, w: int) -> None:
     # anomalib reads x * (1 / 255) (torchvision to_dtype), not x / 255: they differ in the
     # last bit for about half the values; the resize and normalisation are anomalib's too
     img = texture(30, h, w)
-    for size in [(252, 252), (60, 75)]:
+    for size in [(252, 252), (60, 75), 252, 56]:  # an int: shorter side, as torchvision Resize(int)
         assert torch.equal(preprocess([img], size), ref.pixels([img], size))
 
 
@@ -235,6 +284,45 @@ def test_batched_predict_equals_single_predicts_with_different_sizes(tiny) -> No
     one_by_one = load_tiny_detector("anomalydino", image_size=(60, 75), pass_batch=1)
     for r, b in zip(one_by_one.predict_batch(images, references=refs), batched, strict=True):
         assert abs(r.score - b.score) <= 1e-6
+
+
+def test_batched_predict_equals_single_predicts_with_int_image_size(tiny_short56) -> None:
+    """Mixed aspects give mixed model inputs: grouped by input size, results in input order."""
+    det = tiny_short56
+    golden = [texture(1, 480, 640), texture(2, 517, 333), texture(3, 80, 80)]
+    refs = det.encode_references(golden)
+    # 56x74 twice (480x640, 240x320), 86x56, 56x56, 74x56, and 56x74 again at the end
+    images = [
+        perturbed(golden[0], 4),
+        texture(5, 517, 333),
+        texture(6, 240, 320),
+        texture(7, 60, 60),
+        texture(8, 640, 480),
+        perturbed(golden[0], 9, 90),
+    ]
+    sizes = [det.input_size(*img.shape[:2]) for img in images]
+    assert sizes == [(56, 74), (86, 56), (56, 74), (56, 56), (74, 56), (56, 74)]
+    batched = det.predict_batch(images, references=refs)
+    for img, b, size in zip(images, batched, sizes, strict=True):
+        s = det.predict(img, references=refs)
+        assert abs(s.score - b.score) <= 1e-6 and s.details["raw_score"] == pytest.approx(
+            b.details["raw_score"]
+        )
+        assert s.anomaly_map.shape == b.anomaly_map.shape == img.shape[:2]
+        assert float(np.abs(s.anomaly_map - b.anomaly_map).max()) <= 1e-6
+        assert b.details["input_size"] == list(size)
+    # the banks of golden images encoded together and one by one are the same rows, in input order
+    singles = np.concatenate([np.asarray(det.encode_references([g]).arrays["bank"]) for g in golden])
+    np.testing.assert_allclose(np.asarray(refs.arrays["bank"]), singles, rtol=0, atol=1e-6)
+    for pass_batch in (1, 2):
+        other = AnomalyDinoDetector(backbone=det.backbone, image_size=56, pass_batch=pass_batch)
+        assert other.encode_references(golden).model_key == refs.model_key
+        np.testing.assert_allclose(
+            np.asarray(other.encode_references(golden).arrays["bank"]), refs.arrays["bank"], rtol=0, atol=1e-6
+        )
+        for r, b in zip(other.predict_batch(images, references=refs), batched, strict=True):
+            assert abs(r.score - b.score) <= 1e-6
+            assert float(np.abs(r.anomaly_map - b.anomaly_map).max()) <= 1e-6
 
 
 def test_result_fields_and_ranges(tiny) -> None:
@@ -272,6 +360,27 @@ def test_banks_of_another_size_or_setting_are_refused(tiny) -> None:
     # k does not shape the bank: the same references serve
     k3 = load_tiny_detector("anomalydino", image_size=(60, 75), num_neighbours=3)
     assert k3.model_key == tiny.model_key
+
+
+def test_model_key_tells_a_shorter_side_from_an_exact_size() -> None:
+    short = load_tiny_detector("anomalydino", image_size=56)
+    exact = AnomalyDinoDetector(backbone=short.backbone, image_size=(56, 56))
+    assert short.model_key.endswith("/short56") and exact.model_key.endswith("/56x56")
+    # on a square image both give 56x56 inputs, but a bank made under one meaning is not reused
+    # under the other (made before the int meant the shorter side, it would be a wrong bank)
+    refs = exact.encode_references([texture(1, 64, 64)])
+    with pytest.raises(ReferenceMismatchError):
+        short.predict(texture(2, 64, 64), references=refs)
+    assert short.describe()["image_size"] == 56 and exact.describe()["image_size"] == [56, 56]
+    assert AnomalyDinoDetector(backbone=short.backbone, image_size=[56, 70]).image_size == (56, 70)
+    assert AnomalyDinoDetector(backbone=short.backbone, image_size=np.int64(60)).image_size == 60
+
+
+def test_default_image_size_is_anomalibs_square() -> None:
+    assert DEFAULT_IMAGE_SIZE == (252, 252)
+    det = AnomalyDinoDetector(backbone=load_tiny_detector("anomalydino").backbone)
+    assert det.image_size == (252, 252) and det.model_key.endswith("/252x252")
+    assert det.input_size(480, 640) == (252, 252)  # exact: no aspect keep, as anomalib's default
 
 
 def test_reference_blob_round_trip_gives_identical_results(tiny) -> None:
@@ -312,6 +421,12 @@ def test_masking_that_removes_everything_is_a_clear_error() -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="image_size"):
         load_tiny_detector("anomalydino", image_size=20)
+    for bad in (27, (28, 27), (27, 400), True, (56,), (56, 56, 56), "56"):  # min side 2 x 14
+        with pytest.raises(ValueError, match="image_size"):
+            load_tiny_detector("anomalydino", image_size=bad)
+    assert load_tiny_detector("anomalydino", image_size=28).image_size == 28
+    with pytest.raises(ValueError, match="pass_batch"):
+        load_tiny_detector("anomalydino", pass_batch=0)
     with pytest.raises(ValueError, match="num_neighbours"):
         load_tiny_detector("anomalydino", num_neighbours=0)
     with pytest.raises(ValueError, match="sampling_ratio"):

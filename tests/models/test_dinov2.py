@@ -5,17 +5,23 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from models.base import RANDOM_INIT, WeightsError
 from models.dinov2 import (
     ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     TINY_ARCH,
     build_model,
     create_dinov2,
     patch_tokens,
     position_embedding,
+    preprocess,
+    resized_size,
 )
 from models.weights import manifest
 
@@ -142,3 +148,40 @@ def test_official_source_without_network_is_a_weights_error(monkeypatch: pytest.
 def test_unknown_architecture() -> None:
     with pytest.raises(ValueError, match="unknown DINOv2 architecture"):
         create_dinov2("vit_huge_patch14_dinov2", RANDOM_INIT)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size"),
+    [
+        (480, 640, 56),  # 74.67 -> 74: truncated, not rounded
+        (640, 480, 56),
+        (517, 333, 448),  # 695.6 -> 695
+        (333, 517, 448),
+        (100, 100, 252),  # a square stays square
+        (900, 899, 448),
+        (2, 700, 5),  # extreme aspect
+        (480, 640, 480),  # the shorter side already at size: no change
+        (480, 640, (252, 300)),  # a pair is exact
+        (33, 47, (60, 75)),
+    ],
+)
+def test_resized_size_is_torchvision_resize(h: int, w: int, size: int | tuple[int, int]) -> None:
+    x = torch.zeros(1, h, w, dtype=torch.uint8)
+    out = Resize(size, interpolation=InterpolationMode.NEAREST)(x)
+    assert resized_size(h, w, size) == tuple(out.shape[-2:])
+
+
+def test_preprocess_takes_one_resized_size_per_call() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)  # same aspect: same resized size
+    c = rng.integers(0, 256, (640, 480, 3), dtype=np.uint8)
+    assert preprocess([a, b], 56).shape == (2, 3, 56, 74)
+    assert preprocess([c], 56).shape == (1, 3, 74, 56)
+    with pytest.raises(ValueError, match="resized size"):
+        preprocess([a, c], 56)
+    # already at its resized size: only read and normalised
+    d = rng.integers(0, 256, (56, 74, 3), dtype=np.uint8)
+    x = torch.from_numpy(d).permute(2, 0, 1)[None].float() * (1.0 / 255)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(preprocess([d], 56), (x - mean) / std)

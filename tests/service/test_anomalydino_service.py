@@ -159,8 +159,30 @@ def test_a_bank_made_under_another_configuration_asks_for_a_new_upload(app_clien
         up = client.post("/products/gear/references", files=files_of(golden)).json()
         sets = {s["method"]: s for s in up["sets"]}
         assert sets["anomalydino"]["computed"] is True and sets["winclip"]["computed"] is False
-        assert sets["anomalydino"]["model_key"].endswith("/84x84")
+        assert sets["anomalydino"]["model_key"].endswith("/short84")  # an int: the shorter side
         assert inspect(client, "product=gear", img).json()["method"] == "anomalydino"
+
+
+def test_a_bank_made_when_the_int_size_meant_a_square_is_not_reused(app_client) -> None:
+    """Banks of an exact 56x56 input (what an int size meant before) do not serve shorter-side 56."""
+    golden, img = goldens(2), random_image(7)
+
+    def square56(method: str, *, settings: Settings, device: str, cache: Any) -> models.Detector:
+        kwargs = {"image_size": (56, 56)} if method == "anomalydino" else {}
+        return models.load_tiny_detector(method, device="cpu", cache=cache, **kwargs)
+
+    with app_client(factory=square56, methods=BOTH) as (client, _):
+        client.put("/products/gear", json={"object_name": "gear"})
+        up = client.post("/products/gear/references", files=files_of(golden)).json()
+        assert {s["method"]: s for s in up["sets"]}["anomalydino"]["model_key"].endswith("/56x56")
+    with app_client(methods=BOTH) as (client, _):  # the tiny config: image_size 56, the shorter side
+        r = inspect(client, "product=gear", img)
+        assert r.status_code == 409, r.json()
+        assert "another anomalydino configuration" in r.json()["error"]["message"]
+        up = client.post("/products/gear/references", files=files_of(golden)).json()
+        sets = {s["method"]: s for s in up["sets"]}
+        assert sets["anomalydino"]["computed"] is True
+        assert sets["anomalydino"]["model_key"].endswith("/short56")
 
 
 def test_bank_shared_by_two_apps_on_one_redis(app_client, redis_url, key_prefix) -> None:
