@@ -392,9 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a method on a dataset (docs/evaluation.md)")
     e.add_argument("data_dir", type=Path, help="dataset root (MVTec-AD, VisA or good/ + defect/ folders)")
     e.add_argument("--layout", choices=["mvtec", "visa", "folder"], help="default: detected")
-    e.add_argument("--method", default="winclip", choices=["winclip", "anomalyclip", "saa_plus"])
+    e.add_argument(
+        "--method",
+        default="winclip",
+        choices=["winclip", "anomalyclip", "saa_plus", "anomalydino"],
+        help="default winclip; anomalydino is few-shot only (needs --references N)",
+    )
     e.add_argument("--categories", nargs="+", help="only these categories (default: all)")
-    e.add_argument("--references", type=int, default=0, help="golden images per category (few-shot)")
+    e.add_argument(
+        "--references",
+        type=int,
+        default=0,
+        help="golden images per category (few-shot: winclip, anomalydino)",
+    )
     e.add_argument("--seed", type=int, default=0, help="seed of the golden/calibration draw (default 0)")
     e.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (default 0.01)")
     e.add_argument("--calibration-images", type=int, default=100, help="good images to calibrate on (max)")

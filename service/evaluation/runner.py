@@ -243,6 +243,11 @@ def _prepare(cfg: EvalConfig, detector: Detector, cat: Category) -> _Job:
     split = split_category(cat, cfg.references, cfg.calibration_images, cfg.seed)
     object_name, product = _product_for(cat.name)
     refs = None
+    if cfg.references == 0 and detector.describe().get("requires_references", False):
+        raise EvaluationError(
+            f"method {detector.method!r} scores parts against golden images only: run with --references N "
+            "(e.g. 4), N train good images per category"
+        )
     if cfg.references > 0:
         if not detector.supports_references:
             raise EvaluationError(
