@@ -53,6 +53,7 @@ from service.products import threshold_source
 from service.records import LabelledRecord, reviewed_records
 from service.schemas import CalibrateIn, CalibrationOut, CalibrationSources, ScoreSummary
 from service.text_work import TextTimeout
+from service.tiling import tiling_tag
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ class CalibrationFlow:
             prompt_digest=setup.prompt_digest,
             reference_key=setup.reference_key,
             reference_count=references.count if references is not None else 0,
+            tiling=tiling_tag(recipe),
             n=cal.n,
             target_false_reject_rate=cal.target_false_reject_rate,
             confidence=cal.confidence,

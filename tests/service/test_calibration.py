@@ -523,3 +523,57 @@ def test_openapi_describes_both_request_bodies(tmp_path):
     assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CalibrationOut")
     inspect_params = {p["name"] for p in doc["paths"]["/inspect"]["post"]["parameters"]}
     assert "sensitivity" in inspect_params
+
+
+def test_reference_methods_and_tiled_products_calibrate_leave_one_out(app_client):
+    """Given golden images of an AnomalyDINO product and of a tiled product, when each is calibrated,
+    then the threshold comes from that method's (tiled) leave-one-out scores, answers decide with it
+    without warnings, and changing the product's tiling makes every answer warn (the scores are then
+    those of another pipeline, even for a zero-shot method whose golden set does not change)."""
+    from models.tiling import TilingConfig, tiled
+
+    golden = goldens(9, seed=900)
+    with app_client(methods=("winclip", "anomalydino")) as (client, services):
+        dino = services.methods["anomalydino"].detector
+        assert client.put("/products/gear", json={"object_name": "gear"}).status_code == 201
+        upload(client, golden, product="gear")
+        out = client.post("/products/gear/calibrate", json={"target_false_reject_rate": 0.1}).json()
+        assert out["method"] == "anomalydino" and out["sources"]["golden_leave_one_out"] == 9
+        gear = services.products.get("gear")[0]
+        loo = [res.score for res in dino.leave_one_out(golden, product=gear)]
+        assert out["threshold"] == pytest.approx(calibrate_threshold(loo, 0.1).threshold, abs=1e-6)
+        body = inspect(client, png_bytes(random_image(3)), product="gear").json()
+        assert body["method"] == "anomalydino" and body["threshold_source"] == "calibrated"
+        assert body["warnings"] == []
+
+        big = [random_image(950 + i, 96, 128) for i in range(9)]
+        spec = {"tile": 64, "overlap": 16}
+        product = {"object_name": "plate", "default_method": "winclip", "tiling": spec}
+        assert client.put("/products/plate", json=product).status_code == 201
+        upload(client, big, product="plate", method="winclip")
+        out = client.post("/products/plate/calibrate", json={"target_false_reject_rate": 0.1}).json()
+        assert out["sources"]["golden_leave_one_out"] == 9
+        plate = services.products.get("plate")[0]
+        det = tiled(services.methods["winclip"].detector, TilingConfig(tile=64, overlap=16))
+        loo = [res.score for res in det.leave_one_out(big, product=plate)]
+        assert out["threshold"] == pytest.approx(calibrate_threshold(loo, 0.1).threshold, abs=1e-6)
+        part = png_bytes(random_image(4, 96, 128))
+        assert inspect(client, part, product="plate").json()["warnings"] == []
+
+        # zero-shot on a tiled product: calibrated, then the tiling changes (threshold kept by the PUT)
+        zero = {"object_name": "plate", "default_method": "winclip", "tiling": spec}
+        assert client.put("/products/flat", json=zero).status_code == 201
+        sent = [("good", (f"g{i}.png", png_bytes(g), "image/png")) for i, g in enumerate(big)]
+        r = client.post(
+            "/products/flat/calibrate", files=[*sent, ("config", (None, '{"target_false_reject_rate": 0.1}'))]
+        )
+        assert r.status_code == 200, r.json()
+        assert r.json()["sources"]["extra"] == 9
+        assert inspect(client, part, product="flat").json()["warnings"] == []
+        assert (
+            client.put("/products/flat", json={**zero, "tiling": None}).json()["threshold_source"]
+            == "calibrated"
+        )
+        ans = inspect(client, part, product="flat")
+        assert ans.json()["threshold_source"] == "calibrated"
+        assert "tiling" in ans.json()["warnings"][0] and "tiling" in ans.headers["x-calibration-stale"]
