@@ -124,6 +124,11 @@ def test_refusals(app_client):
             "/products/bottle/calibrate", json={"target_false_reject_rate": 0.1, "confidence": 0.9}
         )
         assert r.status_code == 422 and r.json()["error"]["n_required"] == 22  # PAC needs more
+        # a target so small that 1 - target rounds to 1.0: refused at once (no endless loop)
+        r = client.post(
+            "/products/bottle/calibrate", json={"target_false_reject_rate": 1e-20, "confidence": 0.9}
+        )
+        assert r.status_code == 422 and r.json()["error"]["n_required"] > 10**20
         assert client.get("/products/bottle").json()["threshold_source"] == "product"  # unchanged
 
         r = client.post("/products/cable/calibrate", json={})
