@@ -345,3 +345,15 @@ def test_eval_anomalydino_few_shot_and_without_references(
     assert main([*zero, "--out", str(tmp_path / "zero")]) == 2
     err = capsys.readouterr().err
     assert "anomalydino" in err and "--references N" in err
+
+
+def test_a_bad_target_is_refused_before_any_image_is_scored(
+    demo_root: Path, tmp_path: Path, tiny: models.Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("scored an image before checking the options")
+
+    monkeypatch.setattr(tiny, "predict_batch", never)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(EvaluationError, match="target false-reject rate"):
+            run_evaluation(_cfg(demo_root, tmp_path / "out", target_false_reject_rate=bad), tiny)
