@@ -357,3 +357,14 @@ def test_a_bad_target_is_refused_before_any_image_is_scored(
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(EvaluationError, match="target false-reject rate"):
             run_evaluation(_cfg(demo_root, tmp_path / "out", target_false_reject_rate=bad), tiny)
+
+
+def test_report_links_plots_of_a_category_named_with_spaces(
+    demo_root: Path, tmp_path: Path, tiny: models.Detector
+) -> None:
+    root = _folder_dataset(tmp_path / "data", demo_root).rename(tmp_path / "data" / "brake disc")
+    report = run_evaluation(_cfg(root.parent, tmp_path / "out", plots=True), tiny)
+    md = (tmp_path / "out" / "report.md").read_text()
+    for f in report["files"]["plots"]["brake disc"]:
+        assert (tmp_path / "out" / f).is_file()
+        assert f"]({f.replace(' ', '%20')})" in md  # a Markdown link may not hold a bare space
