@@ -49,6 +49,7 @@ from prompts import ProductRecipe, ThresholdCalibration
 from service.deps import LoadedMethod, Services
 from service.errors import ApiError
 from service.imaging import decode_image, too_large_bytes
+from service.inspection import requires_references
 from service.products import threshold_source
 from service.records import LabelledRecord, reviewed_records
 from service.schemas import CalibrateIn, CalibrationOut, CalibrationSources, ScoreSummary
@@ -137,6 +138,8 @@ class CalibrationFlow:
         references, ref_key = None, None
         if det.supports_references:
             references, ref_key = await run_in_threadpool(services.references.lookup, product_id, det)
+        if references is None and requires_references(det):  # 409, as /inspect answers
+            raise await services.inspection.references_required(loaded.method, det, recipe)
         setup = _Setup(
             loaded=loaded,
             detector=det,

@@ -582,3 +582,21 @@ def test_reference_methods_and_tiled_products_calibrate_leave_one_out(app_client
         ans = inspect(client, part, product="flat")
         assert ans.json()["threshold_source"] == "calibrated"
         assert "tiling" in ans.json()["warnings"][0] and "tiling" in ans.headers["x-calibration-stale"]
+
+
+def test_a_method_that_needs_golden_images_without_its_set_is_a_409(app_client):
+    """Given a product without an AnomalyDINO golden set (none, or one encoded for WinCLIP only), when it
+    is calibrated for AnomalyDINO, then the answer is 409 references_required (as /inspect answers),
+    not a server error, and the product's threshold is unchanged."""
+    config = ("config", (None, '{"target_false_reject_rate": 0.1, "method": "anomalydino"}'))
+    sent = [("good", (f"g{i}.png", png_bytes(g), "image/png")) for i, g in enumerate(goldens(9, seed=1100))]
+    with app_client(methods=("winclip", "anomalydino")) as (client, _):
+        assert client.put("/products/gear", json={"object_name": "gear"}).status_code == 201
+        r = client.post("/products/gear/calibrate", files=[*sent, config])
+        assert r.status_code == 409 and r.json()["error"]["code"] == "references_required", r.json()
+        upload(client, goldens(9, seed=1200), product="gear", method="winclip")
+        r = client.post(
+            "/products/gear/calibrate", json={"target_false_reject_rate": 0.1, "method": "anomalydino"}
+        )
+        assert r.status_code == 409 and r.json()["error"]["code"] == "references_required", r.json()
+        assert client.get("/products/gear").json()["threshold_source"] == "product"
