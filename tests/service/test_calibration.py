@@ -600,3 +600,33 @@ def test_a_method_that_needs_golden_images_without_its_set_is_a_409(app_client):
         )
         assert r.status_code == 409 and r.json()["error"]["code"] == "references_required", r.json()
         assert client.get("/products/gear").json()["threshold_source"] == "product"
+
+
+def test_musc_is_calibrated_from_its_golden_set_only(app_client):
+    """MuSc scores an image against OTHER images: without a musc golden set /inspect refuses (422
+    musc_needs_references) and so does calibration (it scored the sent images against each other, in
+    chunks, a score no answer ever gives); with the set, the golden images are scored leave-one-out.
+    A stream product likewise (its rolling bank is not a calibration set)."""
+    from tests.service.stream_helpers import stream_product
+
+    sent = [("good", (f"g{i}.png", png_bytes(g), "image/png")) for i, g in enumerate(goldens(9, seed=1300))]
+    config = ("config", (None, '{"target_false_reject_rate": 0.1, "method": "musc"}'))
+    with app_client(methods=("winclip", "musc")) as (client, services):
+        assert client.put("/products/gear", json={"object_name": "gear"}).status_code == 201
+        r = client.post("/products/gear/calibrate", files=[*sent, config])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "musc_needs_references", r.json()
+        assert client.put("/products/line", json=stream_product()).status_code == 201
+        r = client.post("/products/line/calibrate", files=[*sent, config])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "musc_needs_references", r.json()
+        assert "method=musc" in r.json()["error"]["message"]
+        assert client.get("/products/line").json()["threshold_source"] == "product"
+
+        golden = goldens(9, seed=1400)
+        upload(client, golden, product="gear", method="musc")
+        r = client.post("/products/gear/calibrate", json={"target_false_reject_rate": 0.1, "method": "musc"})
+        assert r.status_code == 200, r.json()
+        assert r.json()["sources"]["golden_leave_one_out"] == 9
+        musc = services.methods["musc"].detector
+        gear = services.products.get("gear")[0]
+        loo = [res.score for res in musc.leave_one_out(golden, product=gear)]
+        assert r.json()["threshold"] == pytest.approx(calibrate_threshold(loo, 0.1).threshold, abs=1e-6)
