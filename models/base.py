@@ -212,6 +212,8 @@ class Detector(ABC):
 
     method: ClassVar[str]
     supports_references: ClassVar[bool] = False
+    #: True for a method with no zero-shot mode (AnomalyDINO): ``predict`` needs references
+    requires_references: ClassVar[bool] = False
 
     model_name: str
     weights_tag: str
@@ -244,6 +246,7 @@ class Detector(ABC):
             "device": str(self.device),
             "random_weights": self.random_weights,
             "supports_references": self.supports_references,
+            "requires_references": self.requires_references,
         }
 
     @abstractmethod

@@ -28,8 +28,9 @@ With ``confidence = 1 - delta`` (the "PAC" variant) the promise is stronger: wit
 probability at least ``1 - delta`` over the draw of the calibration images, the
 false-reject rate of THIS threshold on future good images, ``P(S >= threshold | s_1..s_n)``,
 is at most ``alpha``. The rank is the smallest ``k`` with
-``P(Binomial(n, 1 - alpha) >= k) <= delta``; it needs ``(1 - alpha)^n <= delta``,
-i.e. ``n >= ln(delta) / ln(1 - alpha)`` (alpha = 0.01, confidence 0.9 -> 230 images).
+``P(Binomial(n, 1 - alpha) >= k) <= delta`` (and at least the marginal rank); it needs
+``(1 - alpha)^n <= delta``, i.e. ``n >= ln(delta) / ln(1 - alpha)`` (alpha = 0.01,
+confidence 0.9 -> 230 images), and at least the marginal minimum.
 
 The order is taken in float64 on the scores as given. ``alpha`` is read as the
 decimal the caller wrote (``0.03`` is exactly 3/100), so ``floor`` is exact.
@@ -160,21 +161,27 @@ def _delta(confidence: float | None) -> float | None:
 def min_good_images(target_false_reject_rate: float, confidence: float | None = None) -> int:
     """The fewest good images that can promise ``target_false_reject_rate``.
 
-    Marginal bound (``confidence=None``): ``ceil(1 / alpha) - 1``. PAC bound:
-    the smallest n with ``(1 - alpha) ** n <= 1 - confidence``.
+    Marginal bound (``confidence=None``): ``ceil(1 / alpha) - 1``. PAC bound: the
+    smallest n with ``(1 - alpha) ** n <= 1 - confidence``, and at least the marginal
+    minimum (the PAC rank is never below the marginal one, so both promises hold; this
+    matters only for confidences below about 63 %). Exact for any target in (0, 1),
+    however small (a huge count then, which no request reaches).
     """
     alpha = _alpha(target_false_reject_rate)
     delta = _delta(confidence)
+    marginal = math.ceil(1 / alpha) - 1
     if delta is None:
-        return math.ceil(1 / alpha) - 1
-    a = float(alpha)
-    n = max(1, math.ceil(math.log(delta) / math.log1p(-a)))
-    # guard the float log against an off-by-one at the boundary
-    while n > 1 and (1.0 - a) ** (n - 1) <= delta:
-        n -= 1
-    while (1.0 - a) ** n > delta:
-        n += 1
-    return n
+        return marginal
+    # (1 - alpha) ** n <= delta in the log domain: 1.0 - alpha rounds (to 1.0 below ~1e-16,
+    # where its powers never fall), log1p(-alpha) keeps its precision and is < 0 for alpha > 0
+    log_delta, log_keep = math.log(delta), math.log1p(-float(alpha))
+    n = max(1, math.ceil(Fraction(log_delta) / Fraction(log_keep)))
+    if n < 2**52:  # guard the float division against an off-by-one at the boundary
+        while n > 1 and (n - 1) * log_keep <= log_delta:
+            n -= 1
+        while n * log_keep > log_delta:
+            n += 1
+    return max(n, marginal)
 
 
 def _pac_rank(n: int, alpha: float, delta: float) -> int | None:

@@ -13,8 +13,9 @@ Conventions (the anomalib >= 2.3 ones, so figures compare with published tables)
   ``nan``, never an exception: a category with good images only is a normal case.
   (anomalib returns 0.0 for an AUPRO without regions; we say "not defined".)
 
-scikit-learn computes AUROC and the precision/recall curve; scipy labels connected
-regions. Only the per-region overlap curve (AUPRO) is written here.
+scikit-learn computes AUROC; scipy labels connected regions. Written here: the
+per-region overlap curve (AUPRO), and F1-max in anomalib's float32 arithmetic (so that
+the threshold it picks among tied F1 values is anomalib's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 #: 8-connectivity, as OpenCV's ``connectedComponents`` (anomalib's CPU path) and kornia's.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -221,21 +222,32 @@ def aupro(maps: ArrayOrMaps, masks: ArrayOrMaps, fpr_limit: float = 0.3) -> floa
 
 
 def f1_max(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int]) -> tuple[float, float]:
-    """The best F1 over all thresholds, and that threshold (anomalib's ``F1Max``).
+    """The best F1 over all thresholds, and that threshold, exactly as anomalib's ``F1Max``.
 
-    F1 = 2PR / (P + R + 1e-10) at every distinct score ``t`` used as threshold
-    (``score >= t`` is anomalous); among equal maxima the lowest threshold wins.
+    Every distinct score ``t`` is a threshold (``score >= t`` is anomalous). As anomalib 2.x
+    (torchmetrics' exact precision/recall curve) computes it: precision ``TP / (TP + FP)``
+    and recall ``TP / P`` are float32 quotients of the counts, F1 = 2PR / (P + R + 1e-10)
+    in float32, and the FIRST maximum in ascending threshold order wins, i.e. among equal
+    F1 values the lowest threshold (with float32 rounding deciding near-ties as anomalib's
+    does). The thresholds are the scores as given (float64).
 
     Returns:
-        ``(f1, threshold)``; ``(nan, nan)`` when no image is anomalous.
+        ``(f1, threshold)``; ``(nan, nan)`` when no image is anomalous (anomalib: 0.0).
     """
     s, y = _scores_labels(scores, labels)
     if not y.any():
         return math.nan, math.nan
-    precision, recall, thresholds = precision_recall_curve(y, s)
-    # drop the final (P=1, R=0) point: it has no threshold (and F1 0)
-    p, r = precision[:-1], recall[:-1]
-    f1 = 2.0 * p * r / (p + r + 1e-10)
+    order = np.argsort(-s, kind="stable")  # descending scores
+    s_desc, y_desc = s[order], y[order]
+    # the last index of each run of equal scores: one curve point per distinct threshold
+    last = np.append(np.flatnonzero(s_desc[1:] != s_desc[:-1]), s_desc.size - 1)
+    tps = np.cumsum(y_desc, dtype=np.int64)[last]
+    predicted = last + 1  # TP + FP
+    f32 = np.float32
+    precision = tps.astype(f32) / predicted.astype(f32)
+    recall = tps.astype(f32) / f32(tps[-1])
+    f1 = (f32(2.0) * precision * recall) / (precision + recall + f32(1e-10))
+    f1, thresholds = f1[::-1], s_desc[last][::-1]  # ascending thresholds
     best = int(np.argmax(f1))
     return float(f1[best]), float(thresholds[best])
 

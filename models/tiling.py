@@ -195,6 +195,7 @@ class TiledDetector(Detector):
     """
 
     supports_references: bool  # type: ignore[misc]  # follows the wrapped detector
+    requires_references: bool  # type: ignore[misc]  # follows the wrapped detector
 
     def __init__(self, inner: Detector, config: TilingConfig) -> None:
         if isinstance(inner, TiledDetector):
@@ -206,6 +207,7 @@ class TiledDetector(Detector):
         self.device = inner.device
         self.random_weights = inner.random_weights
         self.supports_references = inner.supports_references
+        self.requires_references = inner.requires_references
 
     @property
     def method(self) -> str:  # type: ignore[override]

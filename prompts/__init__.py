@@ -128,8 +128,8 @@ class ThresholdCalibration(BaseModel):
 
     The recipe's ``threshold`` equals ``threshold`` while this calibration holds. The
     promise (``promise``) is valid only while the method, model, weights, precision,
-    prompts (``prompt_digest``) and golden set (``reference_key``) are the ones recorded
-    here; the service warns in every answer where they no longer match.
+    prompts (``prompt_digest``), golden set (``reference_key``) and tiling are the ones
+    recorded here; the service warns in every answer where they no longer match.
     Unknown fields are kept (a newer service may record more).
     """
 
@@ -146,6 +146,10 @@ class ThresholdCalibration(BaseModel):
         default=None, description="Content hash of the golden set the method used (null: none)."
     )
     reference_count: int = Field(default=0, ge=0, description="Golden images in that set.")
+    tiling: str | None = Field(
+        default=None,
+        description="The product's tiling the scores came from (e.g. tile518-overlap64; null: untiled).",
+    )
     n: int = Field(ge=1, description="Good scores the threshold was set from.")
     target_false_reject_rate: float = Field(gt=0.0, lt=1.0, description="Requested alpha.")
     confidence: float | None = Field(default=None, description="PAC confidence, null: marginal bound.")

@@ -52,7 +52,9 @@ from service.imaging import decode_image, too_large_bytes
 from service.products import threshold_source
 from service.records import LabelledRecord, reviewed_records
 from service.schemas import CalibrateIn, CalibrationOut, CalibrationSources, ScoreSummary
+from service.stream import STREAM_METHOD
 from service.text_work import TextTimeout
+from service.tiling import tiling_tag
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,21 @@ class CalibrationFlow:
         references, ref_key = None, None
         if det.supports_references:
             references, ref_key = await run_in_threadpool(services.references.lookup, product_id, det)
+        if references is None and det.requires_references:  # 409, as /inspect answers
+            raise await services.inspection.references_required(loaded.method, det, recipe)
+        if references is None and det.method == STREAM_METHOD:
+            # musc without its golden set would score the sent images against each other, a chunk at
+            # a time: a score no answer gives (plain musc is refused, a stream product's bank differs)
+            raise ApiError(
+                422,
+                "musc_needs_references",
+                f"musc scores an image against OTHER images of the product, and product {product_id!r} has "
+                f"no golden images for musc: upload them (POST /products/{product_id}/references?method=musc); "
+                "calibration scores them leave-one-out (a stream product's rolling bank is not a "
+                "calibration set, docs/musc.md)",
+                product=product_id,
+                method=det.method,
+            )
         setup = _Setup(
             loaded=loaded,
             detector=det,
@@ -242,6 +259,7 @@ class CalibrationFlow:
             prompt_digest=setup.prompt_digest,
             reference_key=setup.reference_key,
             reference_count=references.count if references is not None else 0,
+            tiling=tiling_tag(recipe),
             n=cal.n,
             target_false_reject_rate=cal.target_false_reject_rate,
             confidence=cal.confidence,

@@ -26,11 +26,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 CLI_METHODS = ("winclip", "anomalyclip", "saa_plus", "anomalydino")
 
 
-def _requires_references(det: Any) -> bool:
-    """The detector has no zero-shot mode (AnomalyDINO): golden images are needed."""
-    return bool(det.describe().get("requires_references", False))
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -126,7 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except models.WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not golden and _requires_references(det):
+    if not golden and det.requires_references:
         print(
             f"error: method {method!r} compares each image with golden (defect-free) images of the "
             "product: give them with --reference FILE_OR_DIR (repeatable) or --references PATH...",
@@ -212,7 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
     except models.WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.references < 1 and _requires_references(det):
+    if args.references < 1 and det.requires_references:
         print(
             f"error: method {args.method!r} compares each image with golden (defect-free) images: "
             "run with --references N (golden images drawn per category, e.g. 1 or 4)",
@@ -437,7 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default winclip; anomalydino needs --references N (golden images per category)",
     )
     e.add_argument("--categories", nargs="+", help="only these categories (default: all)")
-    e.add_argument("--references", type=int, default=0, help="golden images per category (few-shot)")
+    e.add_argument(
+        "--references",
+        type=int,
+        default=0,
+        help="golden images per category (few-shot: winclip, anomalydino)",
+    )
     e.add_argument("--seed", type=int, default=0, help="seed of the golden/calibration draw (default 0)")
     e.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (default 0.01)")
     e.add_argument("--calibration-images", type=int, default=100, help="good images to calibrate on (max)")

@@ -57,7 +57,7 @@ from service.result_cache import CachedResult, encode_entry
 from service.schemas import DEMO_WARNING
 from service.stream import StreamRun, StreamService
 from service.text_work import TextTimeout, TextWork
-from service.tiling import check_tiles, tiling_config
+from service.tiling import check_tiles, tiling_config, tiling_tag
 
 log = logging.getLogger("service.inspection")
 
@@ -140,6 +140,7 @@ def calibration_summary(cal: dict[str, Any]) -> dict[str, Any]:
         "precision",
         "prompt_digest",
         "reference_key",
+        "tiling",
         "n",
         "target_false_reject_rate",
         "confidence",
@@ -153,7 +154,12 @@ def calibration_summary(cal: dict[str, Any]) -> dict[str, Any]:
 def calibration_mismatches(
     recipe: ProductRecipe, result: AnomalyResult, reference_key: str | None, precision: str
 ) -> list[str]:
-    """What differs between the product's calibration and the setup that produced ``result``."""
+    """What differs between the product's calibration and the setup that produced ``result``.
+
+    The tiling (tile and overlap) is compared when the calibration recorded it (calibrations
+    stored before it was recorded are not second-guessed): tiled scores are the highest tile
+    score, on another scale than whole-image scores, even when no golden set changes.
+    """
     cal = recipe.calibration
     if cal is None:
         return []
@@ -164,6 +170,7 @@ def calibration_mismatches(
         "precision": precision,
         "prompts": result.prompt_digest,
         "golden set": reference_key,
+        "tiling": tiling_tag(recipe),
     }
     then = {
         "method": cal.method,
@@ -172,6 +179,7 @@ def calibration_mismatches(
         "precision": cal.precision if cal.precision is not None else precision,
         "prompts": cal.prompt_digest,
         "golden set": cal.reference_key,
+        "tiling": cal.tiling if "tiling" in cal.model_fields_set else tiling_tag(recipe),
     }
     return [k for k in now if now[k] != then[k]]
 
@@ -292,7 +300,8 @@ class InspectionFlow:
             warnings.append(
                 f"the threshold of {recipe.id!r} was calibrated with another {', '.join(stale)} "
                 f"({cal.method}/{cal.model}/{cal.weights}, prompts {cal.prompt_digest}, golden set "
-                f"{cal.reference_key or 'none'}, on {cal.calibrated_at}): its false-reject promise does not "
+                f"{cal.reference_key or 'none'}, tiling {cal.tiling or 'off'}, on {cal.calibrated_at}): "
+                "its false-reject promise does not "
                 f"hold for this answer; calibrate again (POST /products/{recipe.id}/calibrate)"
             )
         if rule.sensitivity > DEFAULT_SENSITIVITY:
@@ -393,8 +402,8 @@ class InspectionFlow:
         draft.reference_count = references.count if references is not None else 0
         if stream is None:
             try:
-                if references is None and _requires_references(det):
-                    raise await self._references_required(loaded.method, det, recipe)
+                if references is None and det.requires_references:
+                    raise await self.references_required(loaded.method, det, recipe)
                 # 422: nothing to score against
                 self.stream.check_plain_musc(loaded.method, recipe, references)
             except ApiError:
@@ -588,9 +597,7 @@ class InspectionFlow:
         except TextTimeout as exc:
             raise ApiError(504, "timeout", str(exc), timeout_s=timeout_s) from None
 
-    async def _references_required(
-        self, method: str, det: Detector, recipe: ProductRecipe | None
-    ) -> ApiError:
+    async def references_required(self, method: str, det: Detector, recipe: ProductRecipe | None) -> ApiError:
         """409 ``references_required``: what to upload, and where (the request is not queued)."""
         if recipe is None:
             return ApiError(
@@ -827,11 +834,6 @@ class InspectionFlow:
         ):
             if name in ins.timings:
                 stage.labels(method=ins.method, stage=name).observe(ins.timings[name])
-
-
-def _requires_references(det: Detector) -> bool:
-    """True for a method that cannot answer without golden images (``describe()`` says so)."""
-    return bool(det.describe().get("requires_references", False))
 
 
 def _until_now_ms(started: float) -> dict[str, float]:

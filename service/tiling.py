@@ -27,6 +27,13 @@ def tiling_config(recipe: ProductRecipe | None, settings: Settings) -> TilingCon
     return TilingConfig(tile=recipe.tiling.tile, overlap=recipe.tiling.overlap, batch=settings.tile_batch)
 
 
+def tiling_tag(recipe: ProductRecipe | None) -> str | None:
+    """The recipe's tiling as it shapes scores (tile and overlap, e.g. ``tile518-overlap64``); None when off."""
+    if recipe is None or recipe.tiling is None:
+        return None
+    return TilingConfig(tile=recipe.tiling.tile, overlap=recipe.tiling.overlap).tag
+
+
 def tile_count(height: int, width: int, config: TilingConfig) -> int:
     """How many tiles an ``height x width`` image is cut into (as :func:`models.tiling.tile_grid`)."""
     return len(tile_starts(height, config.tile, config.overlap)) * len(

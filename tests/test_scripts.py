@@ -81,6 +81,9 @@ def test_install_runs_once_then_skips_until_pyproject_changes(checkout: Path) ->
 def test_runtime_folders_are_git_ignored() -> None:
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("data/store/x", "data/demo/store/y", "weights/a.pt", "out/a.overlay.png", ".venv"):
+    runtime = ("data/store/x", "data/demo/store/y", "weights/a.pt", "out/a.overlay.png", ".venv")
+    # what docs/evaluation.md's commands write in the checkout: the demo dataset and eval reports
+    evaluation = ("demo-data/weave/train/good/000.png", "eval-demo/report.json", "eval-out/cache/ab/c.npz")
+    for path in (*runtime, *evaluation, "eval-mvtec-winclip-4shot/report.md"):
         done = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
         assert done.returncode == 0, f"{path} is not ignored"

@@ -98,6 +98,7 @@ class AnomalyDinoDetector(Detector):
 
     method = "anomalydino"
     supports_references = True
+    requires_references = True
 
     def __init__(
         self,
@@ -186,7 +187,6 @@ class AnomalyDinoDetector(Detector):
             "masking": self.masking,
             "coreset_subsampling": self.coreset_subsampling,
             "sampling_ratio": self.sampling_ratio,
-            "requires_references": True,
         }
 
     # ------------------------------------------------------------------ features

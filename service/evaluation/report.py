@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def _markdown(report: dict[str, Any], plot_files: dict[str, list[str]]) -> str:
     if plot_files:
         lines += ["## Plots", ""]
         for name, files in plot_files.items():
-            lines.append(f"- {name}: " + ", ".join(f"[{Path(f).name}]({f})" for f in files))
+            lines.append(f"- {name}: " + ", ".join(f"[{Path(f).name}]({quote(f)})" for f in files))
         lines.append("")
     run = report["run"]
     lines.append(

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.calibration import CalibrationError, calibrate_threshold
+from models.calibration import CalibrationError, calibrate_threshold, min_good_images
 from models.metrics import aupro, f1_max, false_reject_rate, image_auroc, pixel_auroc, recall_at
 from service.evaluation.datasets import Category, Sample, read_dataset
 
@@ -244,6 +244,11 @@ def _prepare(cfg: EvalConfig, detector: Detector, cat: Category) -> _Job:
     split = split_category(cat, cfg.references, cfg.calibration_images, cfg.seed)
     object_name, product = _product_for(cat.name)
     refs = None
+    if cfg.references == 0 and detector.requires_references:
+        raise EvaluationError(
+            f"method {detector.method!r} scores parts against golden images only: run with --references N "
+            "(e.g. 4), N train good images per category"
+        )
     if cfg.references > 0:
         if not detector.supports_references:
             raise EvaluationError(
@@ -414,6 +419,10 @@ def run_evaluation(
         raise EvaluationError(
             "map size must be >= 8, batch size >= 1, references and calibration images >= 0"
         )
+    try:
+        min_good_images(cfg.target_false_reject_rate)  # a bad target fails now, not after the scoring
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
     t0 = time.perf_counter()
     layout = cfg.layout or detect_layout(cfg.data_dir)
     cats = read_dataset(cfg.data_dir, layout, list(cfg.categories) or None, database_url=cfg.database_url)

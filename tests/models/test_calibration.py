@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -35,6 +36,29 @@ def test_min_good_images_pac() -> None:
     # (1 - 0.01) ** n <= 0.1  ->  n >= ln 0.1 / ln 0.99 = 229.1
     assert min_good_images(0.01, confidence=0.9) == 230
     assert 0.99**230 <= 0.1 < 0.99**229
+
+
+def test_pac_at_low_confidence_needs_the_marginal_minimum_too() -> None:
+    # 0.999 ** 693 <= 0.5, but 693 images cannot promise 0.1 % even on average (k would be n + 1)
+    assert min_good_images(0.001, confidence=0.5) == 999 == min_good_images(0.001)
+    with pytest.raises(CalibrationError) as info:
+        calibrate_threshold(np.linspace(0.0, 0.9, 693), 0.001, confidence=0.5)
+    assert info.value.reason == "too_few_images" and info.value.n_required == 999
+    cal = calibrate_threshold(np.linspace(0.0, 0.9, 999), 0.001, confidence=0.5)
+    assert cal.rank == 999 and cal.bound == "pac" and cal.guaranteed_false_reject_rate <= 0.001
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("alpha", [1e-10, 1e-17, 1e-300, 5e-324])
+def test_tiny_targets_are_refused_at_once(alpha: float) -> None:
+    # 1 - alpha rounds to 1.0 below ~1.1e-16: the PAC minimum must not loop on (1 - alpha) ** n
+    n_pac = min_good_images(alpha, confidence=0.9)
+    assert Fraction(n_pac) * Fraction(alpha) >= Fraction(-math.log(0.1) * (1 - 1e-9))  # n >= ln 10 / alpha
+    assert min_good_images(alpha) > 10**9
+    for confidence in (None, 0.9):
+        with pytest.raises(CalibrationError) as info:
+            calibrate_threshold([0.1] * 300, alpha, confidence=confidence)
+        assert info.value.reason == "too_few_images" and info.value.n_required > 10**9
 
 
 def test_too_few_images_is_a_clear_error() -> None:

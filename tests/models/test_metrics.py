@@ -71,15 +71,21 @@ def _aupro_loop(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
 
 
 def _f1_loop(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    best, best_t = -1.0, math.nan
-    for t in np.unique(scores):  # ascending: the lowest threshold wins ties
+    """F1-max by looping over thresholds, in anomalib's arithmetic (torchmetrics' curve).
+
+    Precision and recall are float32 quotients of the counts, F1 = 2PR / (P + R + 1e-10)
+    in float32; the first maximum in ascending threshold order wins.
+    """
+    best, best_t = np.float32(-1.0), math.nan
+    n_pos = np.float32((labels == 1).sum())
+    for t in np.unique(scores):  # ascending: among equal float32 F1 values the lowest threshold wins
         pred = scores >= t
-        tp = float((pred & (labels == 1)).sum())
-        p, r = tp / pred.sum(), tp / (labels == 1).sum()
-        f = 2 * p * r / (p + r + 1e-10)
+        tp = np.float32((pred & (labels == 1)).sum())
+        p, r = tp / np.float32(pred.sum()), tp / n_pos
+        f = (np.float32(2.0) * p * r) / (p + r + np.float32(1e-10))
         if f > best:
             best, best_t = f, float(t)
-    return best, best_t
+    return float(best), best_t
 
 
 # ------------------------------------------------------------------ image AUROC
@@ -257,15 +263,29 @@ def test_f1_max_hand_case() -> None:
 
 def test_f1_max_matches_loop_with_ties() -> None:
     rng = np.random.default_rng(4)
-    for _ in range(30):
+    for _ in range(300):
         n = int(rng.integers(3, 40))
         labels = rng.integers(0, 2, n)
         labels[0] = 1
-        scores = rng.integers(0, 5, n) / 4.0
+        scores = rng.integers(0, int(rng.integers(2, 8)), n) / 4.0
         f1, t = f1_max(scores, labels)
         f1_ref, t_ref = _f1_loop(scores, labels)
-        assert f1 == pytest.approx(f1_ref, abs=1e-12)
+        assert f1 == f1_ref  # the same float32 arithmetic
         assert t == t_ref
+
+
+def test_f1_max_ties_pick_the_threshold_anomalib_picks() -> None:
+    # t=0.5: P 4/6, R 4/6; t=0.9: P 1, R 3/6: both F1 = 2/3 exactly. anomalib 2.7's F1Max takes
+    # the first maximum in ascending threshold order: 0.5 (a float64 2PR / (P + R + 1e-10)
+    # would favour 0.9, whose P + R is larger).
+    scores = [0.9, 0.9, 0.9, 0.5, 0.1, 0.1] + [0.5, 0.5] + [0.1] * 5
+    labels = [1] * 6 + [0] * 7
+    f1, t = f1_max(scores, labels)
+    assert t == 0.5 and f1 == pytest.approx(2 / 3, abs=1e-7)
+    # an exact tie (t=0 and t=0.25 both 2/3) that anomalib's float32 rounding breaks towards 0.25
+    scores = [0.75, 0.5, 0.0, 0.5, 1.0, 0.0, 0.25, 0.0, 0.25, 0.75, 0.25, 0.25]
+    labels = [1, 0, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1]
+    assert f1_max(scores, labels)[1] == 0.25
 
 
 def test_f1_max_without_anomalies_is_nan() -> None:

@@ -124,6 +124,11 @@ def test_refusals(app_client):
             "/products/bottle/calibrate", json={"target_false_reject_rate": 0.1, "confidence": 0.9}
         )
         assert r.status_code == 422 and r.json()["error"]["n_required"] == 22  # PAC needs more
+        # a target so small that 1 - target rounds to 1.0: refused at once (no endless loop)
+        r = client.post(
+            "/products/bottle/calibrate", json={"target_false_reject_rate": 1e-20, "confidence": 0.9}
+        )
+        assert r.status_code == 422 and r.json()["error"]["n_required"] > 10**20
         assert client.get("/products/bottle").json()["threshold_source"] == "product"  # unchanged
 
         r = client.post("/products/cable/calibrate", json={})
@@ -523,3 +528,105 @@ def test_openapi_describes_both_request_bodies(tmp_path):
     assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CalibrationOut")
     inspect_params = {p["name"] for p in doc["paths"]["/inspect"]["post"]["parameters"]}
     assert "sensitivity" in inspect_params
+
+
+def test_reference_methods_and_tiled_products_calibrate_leave_one_out(app_client):
+    """Given golden images of an AnomalyDINO product and of a tiled product, when each is calibrated,
+    then the threshold comes from that method's (tiled) leave-one-out scores, answers decide with it
+    without warnings, and changing the product's tiling makes every answer warn (the scores are then
+    those of another pipeline, even for a zero-shot method whose golden set does not change)."""
+    from models.tiling import TilingConfig, tiled
+
+    golden = goldens(9, seed=900)
+    with app_client(methods=("winclip", "anomalydino")) as (client, services):
+        dino = services.methods["anomalydino"].detector
+        assert client.put("/products/gear", json={"object_name": "gear"}).status_code == 201
+        upload(client, golden, product="gear")
+        out = client.post("/products/gear/calibrate", json={"target_false_reject_rate": 0.1}).json()
+        assert out["method"] == "anomalydino" and out["sources"]["golden_leave_one_out"] == 9
+        gear = services.products.get("gear")[0]
+        loo = [res.score for res in dino.leave_one_out(golden, product=gear)]
+        assert out["threshold"] == pytest.approx(calibrate_threshold(loo, 0.1).threshold, abs=1e-6)
+        body = inspect(client, png_bytes(random_image(3)), product="gear").json()
+        assert body["method"] == "anomalydino" and body["threshold_source"] == "calibrated"
+        assert body["warnings"] == []
+
+        big = [random_image(950 + i, 96, 128) for i in range(9)]
+        spec = {"tile": 64, "overlap": 16}
+        product = {"object_name": "plate", "default_method": "winclip", "tiling": spec}
+        assert client.put("/products/plate", json=product).status_code == 201
+        upload(client, big, product="plate", method="winclip")
+        out = client.post("/products/plate/calibrate", json={"target_false_reject_rate": 0.1}).json()
+        assert out["sources"]["golden_leave_one_out"] == 9
+        plate = services.products.get("plate")[0]
+        det = tiled(services.methods["winclip"].detector, TilingConfig(tile=64, overlap=16))
+        loo = [res.score for res in det.leave_one_out(big, product=plate)]
+        assert out["threshold"] == pytest.approx(calibrate_threshold(loo, 0.1).threshold, abs=1e-6)
+        part = png_bytes(random_image(4, 96, 128))
+        assert inspect(client, part, product="plate").json()["warnings"] == []
+
+        # zero-shot on a tiled product: calibrated, then the tiling changes (threshold kept by the PUT)
+        zero = {"object_name": "plate", "default_method": "winclip", "tiling": spec}
+        assert client.put("/products/flat", json=zero).status_code == 201
+        sent = [("good", (f"g{i}.png", png_bytes(g), "image/png")) for i, g in enumerate(big)]
+        r = client.post(
+            "/products/flat/calibrate", files=[*sent, ("config", (None, '{"target_false_reject_rate": 0.1}'))]
+        )
+        assert r.status_code == 200, r.json()
+        assert r.json()["sources"]["extra"] == 9
+        assert inspect(client, part, product="flat").json()["warnings"] == []
+        assert (
+            client.put("/products/flat", json={**zero, "tiling": None}).json()["threshold_source"]
+            == "calibrated"
+        )
+        ans = inspect(client, part, product="flat")
+        assert ans.json()["threshold_source"] == "calibrated"
+        assert "tiling" in ans.json()["warnings"][0] and "tiling" in ans.headers["x-calibration-stale"]
+
+
+def test_a_method_that_needs_golden_images_without_its_set_is_a_409(app_client):
+    """Given a product without an AnomalyDINO golden set (none, or one encoded for WinCLIP only), when it
+    is calibrated for AnomalyDINO, then the answer is 409 references_required (as /inspect answers),
+    not a server error, and the product's threshold is unchanged."""
+    config = ("config", (None, '{"target_false_reject_rate": 0.1, "method": "anomalydino"}'))
+    sent = [("good", (f"g{i}.png", png_bytes(g), "image/png")) for i, g in enumerate(goldens(9, seed=1100))]
+    with app_client(methods=("winclip", "anomalydino")) as (client, _):
+        assert client.put("/products/gear", json={"object_name": "gear"}).status_code == 201
+        r = client.post("/products/gear/calibrate", files=[*sent, config])
+        assert r.status_code == 409 and r.json()["error"]["code"] == "references_required", r.json()
+        upload(client, goldens(9, seed=1200), product="gear", method="winclip")
+        r = client.post(
+            "/products/gear/calibrate", json={"target_false_reject_rate": 0.1, "method": "anomalydino"}
+        )
+        assert r.status_code == 409 and r.json()["error"]["code"] == "references_required", r.json()
+        assert client.get("/products/gear").json()["threshold_source"] == "product"
+
+
+def test_musc_is_calibrated_from_its_golden_set_only(app_client):
+    """MuSc scores an image against OTHER images: without a musc golden set /inspect refuses (422
+    musc_needs_references) and so does calibration (it scored the sent images against each other, in
+    chunks, a score no answer ever gives); with the set, the golden images are scored leave-one-out.
+    A stream product likewise (its rolling bank is not a calibration set)."""
+    from tests.service.stream_helpers import stream_product
+
+    sent = [("good", (f"g{i}.png", png_bytes(g), "image/png")) for i, g in enumerate(goldens(9, seed=1300))]
+    config = ("config", (None, '{"target_false_reject_rate": 0.1, "method": "musc"}'))
+    with app_client(methods=("winclip", "musc")) as (client, services):
+        assert client.put("/products/gear", json={"object_name": "gear"}).status_code == 201
+        r = client.post("/products/gear/calibrate", files=[*sent, config])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "musc_needs_references", r.json()
+        assert client.put("/products/line", json=stream_product()).status_code == 201
+        r = client.post("/products/line/calibrate", files=[*sent, config])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "musc_needs_references", r.json()
+        assert "method=musc" in r.json()["error"]["message"]
+        assert client.get("/products/line").json()["threshold_source"] == "product"
+
+        golden = goldens(9, seed=1400)
+        upload(client, golden, product="gear", method="musc")
+        r = client.post("/products/gear/calibrate", json={"target_false_reject_rate": 0.1, "method": "musc"})
+        assert r.status_code == 200, r.json()
+        assert r.json()["sources"]["golden_leave_one_out"] == 9
+        musc = services.methods["musc"].detector
+        gear = services.products.get("gear")[0]
+        loo = [res.score for res in musc.leave_one_out(golden, product=gear)]
+        assert r.json()["threshold"] == pytest.approx(calibrate_threshold(loo, 0.1).threshold, abs=1e-6)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import models
+from models.metrics import image_auroc
 from service.cli import main
 from service.evaluation import (
     DatasetError,
@@ -388,3 +389,59 @@ def test_eval_on_reviewed_records(tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "nothing").mkdir()
     assert main([*argv, "--no-progress"]) == 2
     assert "no records database" in capsys.readouterr().err
+
+
+def test_eval_anomalydino_few_shot_and_without_references(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """AnomalyDINO (few-shot only) runs with --references N, scored against those seeded references;
+    without references the CLI refuses with a clear error saying what to pass."""
+    out = tmp_path / "out"
+    argv = ["eval", str(demo_root), "--demo", "--method", "anomalydino", "--categories", "weave"]
+    argv += ["--references", "2", "--target-frr", "0.1", "--map-size", "32", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "anomalydino" and report["references"] == 2
+    weave = report["categories"]["weave"]
+    assert weave["n_references"] == 2 and weave["calibration"]["n"] == 10 and weave["threshold"] is not None
+    # the report's figures are those of the detector's own answers against the two seeded references
+    det = models.load_tiny_detector("anomalydino")
+    (cat,) = read_dataset(demo_root, categories=["weave"])
+    split = split_category(cat, 2, 100, seed=0)
+
+    def rgb(p: Path) -> np.ndarray:
+        return np.asarray(Image.open(p).convert("RGB"))
+
+    refs = det.encode_references([rgb(p) for p in split.references], object_name="weave")
+    scores = [det.predict(rgb(s.image), object_name="weave", references=refs).score for s in split.test]
+    labels = [s.label for s in split.test]
+    assert weave["image_auroc"] == pytest.approx(image_auroc(scores, labels), abs=1e-9)
+
+    capsys.readouterr()
+    zero = ["eval", str(demo_root), "--demo", "--method", "anomalydino", "--no-progress"]
+    assert main([*zero, "--out", str(tmp_path / "zero")]) == 2
+    err = capsys.readouterr().err
+    assert "anomalydino" in err and "--references N" in err
+
+
+def test_a_bad_target_is_refused_before_any_image_is_scored(
+    demo_root: Path, tmp_path: Path, tiny: models.Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("scored an image before checking the options")
+
+    monkeypatch.setattr(tiny, "predict_batch", never)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(EvaluationError, match="target false-reject rate"):
+            run_evaluation(_cfg(demo_root, tmp_path / "out", target_false_reject_rate=bad), tiny)
+
+
+def test_report_links_plots_of_a_category_named_with_spaces(
+    demo_root: Path, tmp_path: Path, tiny: models.Detector
+) -> None:
+    root = _folder_dataset(tmp_path / "data", demo_root).rename(tmp_path / "data" / "brake disc")
+    report = run_evaluation(_cfg(root.parent, tmp_path / "out", plots=True), tiny)
+    md = (tmp_path / "out" / "report.md").read_text()
+    for f in report["files"]["plots"]["brake disc"]:
+        assert (tmp_path / "out" / f).is_file()
+        assert f"]({f.replace(' ', '%20')})" in md  # a Markdown link may not hold a bare space
