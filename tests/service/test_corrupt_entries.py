@@ -98,3 +98,64 @@ def test_corrupt_product_and_reference_index_are_counted(app_client, redis_url, 
         assert metric(text, "product") >= 1.0
         assert metric(text, "reference_index") >= 1.0
     direct.close()
+
+
+def _edit_result(blob: bytes, arrays_edit=None, meta_edit=None) -> bytes:
+    """A result-cache entry with its map and/or header edited, still a well-formed blob."""
+    import zlib
+
+    from models.serialization import pack_arrays, unpack_arrays
+
+    arrays, meta = unpack_arrays(zlib.decompress(blob))
+    arrays = arrays_edit(dict(arrays)) if arrays_edit else dict(arrays)
+    meta = meta_edit(dict(meta)) if meta_edit else dict(meta)
+    return zlib.compress(pack_arrays(arrays, meta))
+
+
+RESULT_CORRUPTIONS = {
+    "not zlib": lambda b: b"garbage",
+    "regions not objects": lambda b: _edit_result(b, meta_edit=lambda m: {**m, "regions": [1, 2]}),
+    "region without bounds": lambda b: _edit_result(b, meta_edit=lambda m: {**m, "regions": [{"x0": "a"}]}),
+    "region outside the image": lambda b: _edit_result(
+        b,
+        meta_edit=lambda m: {
+            **m,
+            "regions": [
+                {"x0": 0, "y0": 0, "x1": 10**6, "y1": 0, "area": 1, "max_score": 0.9, "mean_score": 0.9}
+            ],
+        },
+    ),
+    "score nan": lambda b: _edit_result(b, meta_edit=lambda m: {**m, "score": float("nan").hex()}),
+    "empty map": lambda b: _edit_result(b, arrays_edit=lambda a: {"map_dx": np.zeros((0, 0), np.int16)}),
+    "map not at the image size": lambda b: _edit_result(
+        b, arrays_edit=lambda a: {"map_dx": np.zeros((3, 7), np.int16)}
+    ),
+    "width a float": lambda b: _edit_result(b, meta_edit=lambda m: {**m, "image_width": 3.5}),
+    "details a list": lambda b: _edit_result(b, meta_edit=lambda m: {**m, "details": [1]}),
+}
+
+
+def test_corrupt_result_cache_entries_are_misses_recomputed_and_counted(app_client, redis_url, key_prefix):
+    """Well-formed blobs with a wrong map or header (regions, NaN score, map size) made every
+    identical request a 500 for the entry's TTL; each must be a counted, deleted miss."""
+    direct = redis.Redis.from_url(redis_url)
+    img = png_bytes(random_image(12))
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (client, services):
+        first = client.post("/inspect?product=bottle", content=img, headers=RAW)
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+        (key,) = [k for k in direct.scan_iter(match=f"{key_prefix}res:*", count=500)]
+        good = direct.get(key)
+        stats = services.methods["winclip"].queue.stats
+        for n, (name, corrupt) in enumerate(RESULT_CORRUPTIONS.items(), start=1):
+            direct.set(key, corrupt(good), ex=3600)
+            passes = stats.images
+            for output in ("json", "png"):
+                r = client.post(f"/inspect?product=bottle&output={output}", content=img, headers=RAW)
+                assert r.status_code == 200, (name, output, r.text)
+            assert stats.images == passes + 1, name  # recomputed once, then a valid hit
+            assert r.headers["x-cache"] == "hit", name
+            assert metric(client.get("/metrics").text, "results") == n, name
+            assert direct.get(key) == good, name  # the corrupt entry was replaced by the recomputed one
+            again = client.post("/inspect?product=bottle", content=img, headers=RAW).json()
+            assert again["score"] == first.json()["score"] and again["regions"] == first.json()["regions"]
+    direct.close()
