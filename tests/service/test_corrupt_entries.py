@@ -159,3 +159,28 @@ def test_corrupt_result_cache_entries_are_misses_recomputed_and_counted(app_clie
             again = client.post("/inspect?product=bottle", content=img, headers=RAW).json()
             assert again["score"] == first.json()["score"] and again["regions"] == first.json()["regions"]
     direct.close()
+
+
+def test_corrupt_kept_golden_images_read_as_missing_deleted_and_counted(app_client, redis_url, key_prefix):
+    """A kept golden image whose bytes are not the upload (garbage, truncated) made calibration and
+    ?append=true a 400 `not_an_image` blaming the caller, for the image's TTL; it must be a counted
+    miss: deleted, left out of calibration (which says so), append asks for the set again."""
+    direct = redis.Redis.from_url(redis_url)
+    goldens = [("images", (f"g{i}.png", png_bytes(random_image(40 + i)), "image/png")) for i in range(4)]
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (client, _):
+        assert client.post("/products/bottle/references", files=goldens).status_code == 200
+        keys = sorted(k for k in direct.scan_iter(match=f"{key_prefix}refimg:bottle:*", count=500))
+        assert len(keys) == 4
+        direct.set(keys[0], b"not an image at all")
+        direct.set(keys[1], direct.get(keys[1])[:100])  # truncated
+        r = client.post("/products/bottle/calibrate", json={"target_false_reject_rate": 0.5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["calibration"]["sources"]["golden_leave_one_out"] == 2
+        assert any("2 golden image(s) left out" in n for n in body["notes"]), body["notes"]
+        assert direct.get(keys[0]) is None and direct.get(keys[1]) is None
+        assert metric(client.get("/metrics").text, "golden_images") == 2.0
+        more = [("images", ("n.png", png_bytes(random_image(90)), "image/png"))]
+        r = client.post("/products/bottle/references", files=more, params={"append": "true"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "golden_images_missing", r.text
+    direct.close()
