@@ -49,6 +49,7 @@ from prompts import ProductRecipe, ThresholdCalibration
 from service.deps import LoadedMethod, Services
 from service.errors import ApiError
 from service.imaging import decode_image, too_large_bytes
+from service.inspection import requires_references
 from service.products import threshold_source
 from service.records import LabelledRecord, reviewed_records
 from service.schemas import CalibrateIn, CalibrationOut, CalibrationSources, ScoreSummary
@@ -136,6 +137,10 @@ class CalibrationFlow:
         references, ref_key = None, None
         if det.supports_references:
             references, ref_key = await run_in_threadpool(services.references.lookup, product_id, det)
+        if references is None and requires_references(det):
+            # as /inspect: 409 saying what to upload (golden images of another method, or features
+            # gone or unreadable, cannot be scored by a method that compares with its own set)
+            raise await services.inspection.references_required(method, det, recipe)
         setup = _Setup(
             loaded=loaded,
             detector=det,

@@ -389,8 +389,8 @@ class InspectionFlow:
         draft.reference_key = ref_key.rsplit(":", 1)[-1] if ref_key and references is not None else None
         draft.reference_count = references.count if references is not None else 0
         if stream is None:
-            if references is None and _requires_references(det):
-                raise await self._references_required(loaded.method, det, recipe)
+            if references is None and requires_references(det):
+                raise await self.references_required(loaded.method, det, recipe)
             self.stream.check_plain_musc(loaded.method, recipe, references)  # 422: nothing to score against
         elif stream.mode == "stream":
             draft.reference_key, draft.reference_count = stream.reference_key, stream.size
@@ -563,9 +563,7 @@ class InspectionFlow:
         except TextTimeout as exc:
             raise ApiError(504, "timeout", str(exc), timeout_s=timeout_s) from None
 
-    async def _references_required(
-        self, method: str, det: Detector, recipe: ProductRecipe | None
-    ) -> ApiError:
+    async def references_required(self, method: str, det: Detector, recipe: ProductRecipe | None) -> ApiError:
         """409 ``references_required``: what to upload, and where (the request is not queued)."""
         if recipe is None:
             return ApiError(
@@ -801,7 +799,7 @@ class InspectionFlow:
                 stage.labels(method=ins.method, stage=name).observe(ins.timings[name])
 
 
-def _requires_references(det: Detector) -> bool:
+def requires_references(det: Detector) -> bool:
     """True for a method that cannot answer without golden images (``describe()`` says so)."""
     return bool(det.describe().get("requires_references", False))
 
@@ -828,4 +826,5 @@ __all__ = [
     "InspectionFlow",
     "calibration_mismatches",
     "calibration_summary",
+    "requires_references",
 ]
