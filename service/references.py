@@ -246,7 +246,9 @@ class ReferenceStore:
             return None, None
         try:
             refs = ReferenceSet.from_bytes(blob)
-        except SerializationError as exc:
+            # arrays of the wrong shape would fail inside the model (a 500 for the set's TTL)
+            detector.check_references(refs)
+        except (SerializationError, ValueError) as exc:  # ReferenceMismatchError is a ValueError
             log.warning(
                 "dropping corrupt reference features %s of %s (%s); using zero-shot until the golden "
                 "images are uploaded again",

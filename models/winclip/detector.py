@@ -17,6 +17,7 @@ from models.base import (
     ArrayCache,
     Detector,
     LocalArrayCache,
+    ReferenceMismatchError,
     ReferenceSet,
     check_image,
     image_hash,
@@ -198,6 +199,36 @@ class WinClipDetector(Detector):
             image_hashes=tuple(image_hash(img) for img in images),
             arrays=arrays,
         )
+
+    def check_references(self, references: ReferenceSet | None) -> None:
+        """Also the memory itself: ``patches [n * P, D]`` and ``windows_k [n * W_k, E]`` for every
+        scale, ``n >= 1`` (images, or tiles of a tiled product), ``P``/``W_k`` this encoder's
+        patches / windows per image and ``D``/``E`` its token / embedding widths.
+
+        Raises:
+            ReferenceMismatchError: another model's references, or arrays of the wrong shape
+                (a corrupt stored set must be refused here, not fail inside the model).
+        """
+        super().check_references(references)
+        if references is None:
+            return
+        visual = self.clip.visual
+        want = {"patches": (self.encoder.n_patches, int(visual.ln_post.weight.shape[0]))}
+        for k in self.scales:
+            want[f"windows_{k}"] = (int(self.encoder.masks[k].shape[0]), int(visual.output_dim))
+        for name, (per_image, width) in want.items():
+            arr = references.arrays.get(name)
+            if (
+                arr is None
+                or arr.ndim != 2
+                or arr.shape[0] == 0
+                or arr.shape[0] % per_image
+                or arr.shape[1] != width
+            ):
+                got = "missing" if arr is None else f"of shape {tuple(arr.shape)}"
+                raise ReferenceMismatchError(
+                    f"WinCLIP+ memory array {name!r} is {got}; this detector needs [n * {per_image}, {width}]"
+                )
 
     # ---------------------------------------------------------------- inference
     def _encode(self, images: list[np.ndarray]) -> EncodedImages:

@@ -184,3 +184,36 @@ def test_corrupt_kept_golden_images_read_as_missing_deleted_and_counted(app_clie
         r = client.post("/products/bottle/references", files=more, params={"append": "true"})
         assert r.status_code == 409 and r.json()["error"]["code"] == "golden_images_missing", r.text
     direct.close()
+
+
+def test_golden_features_of_the_wrong_shape_are_dropped_and_counted(app_client, redis_url, key_prefix):
+    """A stored set whose blob is well formed but whose arrays have the wrong shape (a feature
+    width off by one, no rows) passed the header checks and failed inside the model: a 500 on
+    every inspection of the product for the set's TTL. It must be a counted, deleted miss:
+    WinCLIP falls back to zero-shot, AnomalyDINO asks for the golden images again (409)."""
+    from models.serialization import pack_arrays, unpack_arrays
+
+    direct = redis.Redis.from_url(redis_url)
+    goldens = [("images", (f"g{i}.png", png_bytes(random_image(20 + i)), "image/png")) for i in range(2)]
+    img = png_bytes(random_image(30))
+    settings = {"redis_url": redis_url, "key_prefix": key_prefix, "methods": ("winclip", "anomalydino")}
+    with app_client(**settings) as (a, sa):
+        assert a.post("/products/bottle/references", files=goldens).status_code == 200
+        keys = {e["method"]: e["key"] for e in sa.references.index("bottle").values()}
+    original = {key: direct.get(key) for key in keys.values()}
+    for edit in (lambda arr: arr[:, :-1], lambda arr: arr[:0]):  # a width off by one; no rows
+        for key, blob in original.items():
+            arrays, meta = unpack_arrays(blob)
+            direct.set(key, pack_arrays({k: edit(v) for k, v in arrays.items()}, meta))
+        # a second process (no decoded copy in memory) reads the broken sets
+        with app_client(**settings) as (b, _):
+            for method, status in (("winclip", 200), ("anomalydino", 409)):
+                r = b.post(f"/inspect?product=bottle&method={method}", content=img, headers=RAW)
+                assert r.status_code == status, (method, r.text)
+                if status == 200:
+                    assert r.json()["used_references"] is False
+                else:
+                    assert r.json()["error"]["code"] == "references_required"
+            assert metric(b.get("/metrics").text, "references") == 2.0
+        assert all(direct.get(k) is None for k in keys.values())  # dropped, not read again
+    direct.close()
