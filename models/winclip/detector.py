@@ -22,6 +22,7 @@ from models.base import (
     check_image,
     image_hash,
     leave_one_out_indices,
+    usable_cached,
 )
 from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
 from models.cpu import checked_precision, cpu_capabilities
@@ -155,12 +156,13 @@ class WinClipDetector(Detector):
 
     def _cached_prototypes(self, ensemble: PromptEnsemble, name: str | None, digest: str) -> torch.Tensor:
         key = self.text_cache_key(digest)
-        cached = self.cache.get_array(key)
+        shape = (2, int(self.clip.visual.output_dim))  # a cached value of another shape is corrupt
+        cached = usable_cached(self.cache.get_array(key), shape)
         if cached is None:
             with self._text_locks_guard:
                 lock = self._text_locks.setdefault(key, threading.Lock())
             with lock:  # one computation per key even under concurrent requests
-                cached = self.cache.get_array(key)
+                cached = usable_cached(self.cache.get_array(key), shape)
                 if cached is None:
                     protos = self.compute_text_prototypes(ensemble, name)
                     self.count("text_prototypes_computed")

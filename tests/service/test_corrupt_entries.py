@@ -217,3 +217,38 @@ def test_golden_features_of_the_wrong_shape_are_dropped_and_counted(app_client, 
             assert metric(b.get("/metrics").text, "references") == 2.0
         assert all(direct.get(k) is None for k in keys.values())  # dropped, not read again
     direct.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda good: good[:, :-1],  # a well-formed blob of another width: failed inside the model
+        lambda good: np.concatenate([good, good[:1]]),
+        lambda good: np.full_like(good, np.nan),
+        lambda good: good.astype(np.float64),
+    ],
+    ids=["width", "rows", "nan", "float64"],
+)
+def test_prototypes_of_the_wrong_shape_are_recomputed_and_counted(app_client, redis_url, key_prefix, bad):
+    direct = redis.Redis.from_url(redis_url)
+    img = png_bytes(random_image(13))
+    with app_client(redis_url=redis_url, key_prefix=key_prefix) as (client, services):
+        det = services.methods["winclip"].detector
+        first = client.post("/inspect?product=bottle", content=img, headers=RAW).json()
+        key = services.array_cache.prefix + det.text_cache_key(
+            det.prompt_digest(product=builtin_products()["bottle"])
+        )
+        good = unpack_array(direct.get(key))
+    direct.set(key, pack_array(bad(good)), ex=7 * 24 * 3600)
+    # a second process (nothing decoded in memory) reads the broken prototypes
+    with app_client(redis_url=redis_url, key_prefix=key_prefix, result_cache=False) as (client, services):
+        det = services.methods["winclip"].detector
+        for _ in range(2):
+            r = client.post("/inspect?product=bottle", content=img, headers=RAW)
+            assert r.status_code == 200, r.text
+            assert r.json()["score"] == pytest.approx(first["score"], abs=1e-6)
+        assert det.counters()["text_prototypes_computed"] == 1
+        assert metric(client.get("/metrics").text, "text_prototypes") == 1.0
+        healed = unpack_array(direct.get(key))
+        assert healed.shape == good.shape and np.array_equal(healed, good)
+    direct.close()
