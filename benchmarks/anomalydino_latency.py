@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models
-from models.anomalydino.detector import AnomalyDinoDetector, cpu_supports_bf16
+from models.anomalydino.detector import AnomalyDinoDetector
 from models.base import Detector, ReferenceSet
+from models.cpu import cpu_capabilities, resolve_precision
 from models.dinov2 import create_dinov2
 from models.tiling import TiledDetector, TilingConfig
 from models.winclip.detector import WinClipDetector
@@ -97,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("models: vit_small_patch14_dinov2 (AnomalyDINO) and ViT-B-16-plus-240 (WinCLIP+), RANDOM weights:")
     print("        timing only, scores are meaningless; 1 golden image (1-shot)")
+    print(cpu_capabilities().summary())
     precisions = ["fp32"]
     if not args.skip_bf16:
-        if cpu_supports_bf16():
+        bf16 = resolve_precision("bf16", dev)
+        if bf16.fallback is None:
             precisions.append("bf16")
         else:
-            print("bf16: this CPU has no native bf16 support, skipped")
+            print(f"bf16: not timed; the detector would run fp32 (timed below): {bf16.fallback}")
 
     rng = np.random.default_rng(0)
     golden = rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)
