@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import cast
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_corrupt_kept_golden_images_read_as_missing_deleted_and_counted(app_clie
         keys = sorted(k for k in direct.scan_iter(match=f"{key_prefix}refimg:bottle:*", count=500))
         assert len(keys) == 4
         direct.set(keys[0], b"not an image at all")
-        direct.set(keys[1], direct.get(keys[1])[:100])  # truncated
+        direct.set(keys[1], cast(bytes, direct.get(keys[1]))[:100])  # truncated
         r = client.post("/products/bottle/calibrate", json={"target_false_reject_rate": 0.5})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -200,7 +201,7 @@ def test_golden_features_of_the_wrong_shape_are_dropped_and_counted(app_client, 
     with app_client(**settings) as (a, sa):
         assert a.post("/products/bottle/references", files=goldens).status_code == 200
         keys = {e["method"]: e["key"] for e in sa.references.index("bottle").values()}
-    original = {key: direct.get(key) for key in keys.values()}
+    original = {key: cast(bytes, direct.get(key)) for key in keys.values()}
     for edit in (lambda arr: arr[:, :-1], lambda arr: arr[:0]):  # a width off by one; no rows
         for key, blob in original.items():
             arrays, meta = unpack_arrays(blob)
@@ -238,7 +239,7 @@ def test_prototypes_of_the_wrong_shape_are_recomputed_and_counted(app_client, re
         key = services.array_cache.prefix + det.text_cache_key(
             det.prompt_digest(product=builtin_products()["bottle"])
         )
-        good = unpack_array(direct.get(key))
+        good = unpack_array(cast(bytes, direct.get(key)))
     direct.set(key, pack_array(bad(good)), ex=7 * 24 * 3600)
     # a second process (nothing decoded in memory) reads the broken prototypes
     with app_client(redis_url=redis_url, key_prefix=key_prefix, result_cache=False) as (client, services):
@@ -249,6 +250,6 @@ def test_prototypes_of_the_wrong_shape_are_recomputed_and_counted(app_client, re
             assert r.json()["score"] == pytest.approx(first["score"], abs=1e-6)
         assert det.counters()["text_prototypes_computed"] == 1
         assert metric(client.get("/metrics").text, "text_prototypes") == 1.0
-        healed = unpack_array(direct.get(key))
+        healed = unpack_array(cast(bytes, direct.get(key)))
         assert healed.shape == good.shape and np.array_equal(healed, good)
     direct.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 import pytest
@@ -271,7 +272,7 @@ def test_corrupt_bank_bookkeeping_is_read_as_absent_repaired_and_counted(app_cli
         assert status.json()["size"] == 2 and status.json()["epoch"] == 0
         answer = post(client, part(3))  # scored against the 2 good entries, appended; repairs the rest
         assert answer["stream"]["scored_against"] == 2 and answer["stream"]["appended"] == "added"
-        assert direct.get(epoch_key) == b"0" and int(direct.hget(bytes_key, field)) > 0
+        assert direct.get(epoch_key) == b"0" and int(cast(bytes, direct.hget(bytes_key, field))) > 0
         assert direct.llen(index) == 3  # the corrupt item dropped, the new entry added
         assert _corrupt_total(client.get("/metrics").text) == 3.0
         direct.set(epoch_key, b"-")
