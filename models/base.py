@@ -162,6 +162,15 @@ class LocalArrayCache:
                 self._items.popitem(last=False)
 
 
+def usable_cached(value: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``value`` read from an :class:`ArrayCache` if it is a finite float32 array of ``shape``, else
+    ``None``: the caller recomputes and stores a good value over it (keys are content hashes,
+    so a value of another shape is corrupt, never an older version)."""
+    if value is None or value.dtype != np.float32 or tuple(value.shape) != shape:
+        return None
+    return value if bool(np.isfinite(value).all()) else None
+
+
 def image_hash(image: np.ndarray) -> str:
     """Content hash of an image array (shape + pixels), 16 hex chars."""
     h = hashlib.sha256()

@@ -153,6 +153,7 @@ def _build_result_cache(settings: Settings, metrics: Metrics, cache: BlobCache) 
         ttl_s=settings.result_cache_ttl_s,
         max_entry_bytes=settings.result_cache_max_entry_kb * 1024,
         on_lookup=lambda hit: metrics.cache_lookup("results", hit),
+        on_corrupt=lambda: metrics.cache_corrupt.labels(kind="results").inc(),
     )
 
 

@@ -449,7 +449,9 @@ class ArrayCacheAdapter:
     detector from model, weights and prompt digest) are namespaced with ``prefix``.
     Decoded arrays are also kept in a small local LRU: the keys are content hashes, so
     a value never changes meaning. A blob that does not decode is a miss: it is deleted
-    and counted (``on_corrupt``), and the detector recomputes the value.
+    and counted (``on_corrupt``), and the detector recomputes the value. So is one the
+    detector rejects (another shape: ``models.base.usable_cached``): it is counted when the
+    recomputed value is stored over it.
     """
 
     def __init__(
@@ -504,5 +506,17 @@ class ArrayCacheAdapter:
     def set_array(self, key: str, value: np.ndarray) -> None:
         arr = np.array(value, copy=True)
         arr.setflags(write=False)
+        with self._lock:
+            old = self._local.get(key)
+        if old is not None and (
+            old.shape != arr.shape
+            or old.dtype != arr.dtype
+            or (old.dtype.kind == "f" and not bool(np.isfinite(old).all()))
+        ):
+            # A content-addressed value the detector read and rejected (wrong shape, dtype or
+            # not finite: models.base.usable_cached) and recomputed: it was corrupt.
+            log.warning("replacing a corrupt cache entry %s (%s %s)", key, old.dtype, old.shape)
+            if self._on_corrupt:
+                self._on_corrupt()
         self._remember(key, arr)
         self.cache.set(self.prefix + key, pack_array(arr), self.ttl_s)

@@ -175,7 +175,7 @@ class CalibrationFlow:
             if kept.missing:
                 notes.append(
                     f"{kept.missing} golden image(s) left out: their bytes were not kept (uploaded before "
-                    "golden images were kept, or expired); upload the golden set again to use them"
+                    "golden images were kept, expired or unreadable); upload the golden set again to use them"
                 )
         reviewed: list[LabelledRecord] = []
         if config.include_reviewed:

@@ -90,10 +90,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int, name: str = "i
             )
         if w < 2 or h < 2:
             raise ApiError(400, "image_too_small", f"{name}: {w}x{h} is too small (at least 2x2)")
-        orientation = _stored_orientation(im)
         try:
-            im.load()
-            arr = _to_rgb(_undo_orientation(im, orientation))
+            arr = _to_rgb(as_stored(im))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ApiError(
                 400, "truncated_image", f"{name}: the image data is truncated or corrupt ({exc})"
@@ -120,6 +118,16 @@ def _stored_orientation(im: Image.Image) -> int:
         return 1  # Pillow leaves JPEG/PNG/BMP pixels as stored
     value = getattr(im, "tag_v2", {}).get(_ORIENTATION_TAG, 1)
     return value if isinstance(value, int) else 1
+
+
+def as_stored(im: Image.Image) -> Image.Image:
+    """``im`` (just opened by Pillow) loaded, with its pixels as stored: the one orientation rule
+    of the project (never applied, any format), also for code that opens image files itself
+    (evaluation). Pillow reads a TIFF's tag at open and rotates while loading, so the tag is
+    read first. Raises what ``Image.load`` raises for a truncated or corrupt file."""
+    orientation = _stored_orientation(im)
+    im.load()
+    return _undo_orientation(im, orientation)
 
 
 def _undo_orientation(im: Image.Image, orientation: int) -> Image.Image:

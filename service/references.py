@@ -50,7 +50,8 @@ class ReferenceStore:
     A corrupt index or blob is never an error for the request: the index reads as empty,
     the blob is deleted (the product falls back to zero-shot and its listing says
     ``stored: false`` until the golden images are uploaded again), and ``on_corrupt(kind)``
-    counts it (``reference_index`` / ``references``).
+    counts it (``reference_index`` / ``references``). A kept golden image whose bytes do not
+    match their sha256 is deleted and counted too (``golden_images``): it reads as missing.
     """
 
     def __init__(
@@ -187,7 +188,9 @@ class ReferenceStore:
 
     def kept_images(self, product_id: str, model_key: str | None = None) -> KeptImages:
         """The kept golden images of one set (``model_key``), or of every set of the product
-        (``None``; each image once). Images the store no longer holds are counted as missing."""
+        (``None``; each image once). Images the store no longer holds are counted as missing,
+        and so are corrupt ones (bytes not matching their sha256), which are deleted and counted
+        (``golden_images``)."""
         sets = self.index(product_id)
         entries = [sets[model_key]] if model_key is not None and model_key in sets else []
         if model_key is None:
@@ -203,7 +206,16 @@ class ReferenceStore:
         found: list[tuple[str, bytes]] = []
         missing = 0
         for sha in dict.fromkeys(listed):
-            blob = self.store.get(self.image_key(product_id, sha))
+            key = self.image_key(product_id, sha)
+            blob = self.store.get(key)
+            if blob is not None and hashlib.sha256(blob).hexdigest() != sha:
+                # content-addressed: bytes that do not hash to their key are corrupt (a stored image
+                # is the upload, decoded before it was kept). A miss: deleted, counted.
+                log.warning("dropping a corrupt kept golden image %s of %s", sha[:12], product_id)
+                self._corrupt("golden_images")
+                with contextlib.suppress(CacheUnavailable):
+                    self.store.delete(key)
+                blob = None
             if blob is None:
                 missing += 1
             else:
@@ -234,7 +246,9 @@ class ReferenceStore:
             return None, None
         try:
             refs = ReferenceSet.from_bytes(blob)
-        except SerializationError as exc:
+            # arrays of the wrong shape would fail inside the model (a 500 for the set's TTL)
+            detector.check_references(refs)
+        except (SerializationError, ValueError) as exc:  # ReferenceMismatchError is a ValueError
             log.warning(
                 "dropping corrupt reference features %s of %s (%s); using zero-shot until the golden "
                 "images are uploaded again",

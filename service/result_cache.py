@@ -207,8 +207,61 @@ def encode_entry(
     return zlib.compress(pack_arrays({"map_dx": _row_deltas(q)}, meta), 1)
 
 
+_REGION_INTS = ("x0", "y0", "x1", "y1", "area")
+_REGION_FLOATS = ("max_score", "mean_score")
+
+
+def _str(meta: Mapping[str, Any], name: str) -> str:
+    value = meta[name]
+    if not isinstance(value, str):
+        raise SerializationError(f"corrupt cache entry: {name} must be a string")
+    return value
+
+
+def _flag(meta: Mapping[str, Any], name: str) -> bool:
+    value = meta[name]
+    if not isinstance(value, bool):
+        raise SerializationError(f"corrupt cache entry: {name} must be true or false")
+    return value
+
+
+def _count(meta: Mapping[str, Any], name: str, *, low: int) -> int:
+    value = meta[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SerializationError(f"corrupt cache entry: {name} must be an integer >= {low}")
+    return value
+
+
+def _finite(meta: Mapping[str, Any], name: str) -> float:
+    value = float.fromhex(_str(meta, name))
+    if not np.isfinite(value):
+        raise SerializationError(f"corrupt cache entry: {name} is not finite")
+    return value
+
+
+def _region(r: Any, width: int, height: int) -> Mapping[str, Any]:
+    """One stored region, checked: the integer bounds inside the image, finite scores."""
+    if not isinstance(r, dict) or set(r) != {*_REGION_INTS, *_REGION_FLOATS}:
+        raise SerializationError("corrupt cache entry: a region is not a region object")
+    if any(isinstance(r[k], bool) or not isinstance(r[k], int) for k in _REGION_INTS):
+        raise SerializationError("corrupt cache entry: region bounds and area must be integers")
+    if any(isinstance(r[k], bool) or not isinstance(r[k], int | float) for k in _REGION_FLOATS) or not all(
+        np.isfinite(float(r[k])) for k in _REGION_FLOATS
+    ):
+        raise SerializationError("corrupt cache entry: region scores must be finite numbers")
+    if not (0 <= r["x0"] <= r["x1"] < width and 0 <= r["y0"] <= r["y1"] < height and r["area"] >= 1):
+        raise SerializationError("corrupt cache entry: a region lies outside the image")
+    return r
+
+
 def decode_entry(blob: bytes) -> CachedResult:
-    """Raises :class:`SerializationError` for a blob that is not a cache entry."""
+    """Raises :class:`SerializationError` for a blob that is not a cache entry.
+
+    Checked strictly, as everything read back from a shared store: the map is
+    ``int16 (H, W)`` at the stored image size (the map is at the input resolution), every
+    header field has its type, the floats are finite and the regions lie inside the image,
+    so a corrupt entry is a miss, never an answer that fails later.
+    """
     try:
         raw = zlib.decompress(blob)
     except zlib.error as exc:
@@ -218,38 +271,46 @@ def decode_entry(blob: bytes) -> CachedResult:
         dx = arrays["map_dx"]
         if dx.dtype != np.int16 or dx.ndim != 2:
             raise SerializationError(f"cached map must be int16 (H, W), got {dx.dtype} {dx.shape}")
+        m: dict[str, Any] = dict(meta)
+        width, height = _count(m, "image_width", low=1), _count(m, "image_height", low=1)
+        if dx.shape != (height, width):
+            raise SerializationError(f"cached map {dx.shape} is not at the image size {height}x{width}")
+        regions = m["regions"]
+        details = m["details"]
+        if not isinstance(regions, list) or not isinstance(details, dict):
+            raise SerializationError("corrupt cache entry: regions must be a list and details an object")
         amap = dequantize_map(_from_row_deltas(dx))
         amap.setflags(write=False)
-        m: dict[str, Any] = dict(meta)
         return CachedResult(
-            score=float.fromhex(str(m["score"])),
+            score=_finite(m, "score"),
             anomaly_map=amap,
-            map_min=float.fromhex(str(m["map_min"])),
-            map_max=float.fromhex(str(m["map_max"])),
-            method=str(m["method"]),
-            model=str(m["model"]),
-            weights=str(m["weights"]),
-            prompt_digest=str(m["prompt_digest"]),
-            used_references=bool(m["used_references"]),
-            random_weights=bool(m["random_weights"]),
-            image_width=int(m["image_width"]),
-            image_height=int(m["image_height"]),
-            pixel_hash=str(m["pixel_hash"]),
-            regions_threshold=float.fromhex(str(m["regions_threshold"])),
-            regions_max=int(m["regions_max"]),
-            regions=tuple(m["regions"]),
-            regions_truncated=bool(m["regions_truncated"]),
-            details=dict(m["details"]),
-            batch_size=int(m.get("batch_size", 1)),  # entries written before it was stored: 1
+            map_min=_finite(m, "map_min"),
+            map_max=_finite(m, "map_max"),
+            method=_str(m, "method"),
+            model=_str(m, "model"),
+            weights=_str(m, "weights"),
+            prompt_digest=_str(m, "prompt_digest"),
+            used_references=_flag(m, "used_references"),
+            random_weights=_flag(m, "random_weights"),
+            image_width=width,
+            image_height=height,
+            pixel_hash=_str(m, "pixel_hash"),
+            regions_threshold=_finite(m, "regions_threshold"),
+            regions_max=_count(m, "regions_max", low=0),
+            regions=tuple(_region(r, width, height) for r in regions),
+            regions_truncated=_flag(m, "regions_truncated"),
+            details=details,
+            batch_size=_count(m, "batch_size", low=0) if "batch_size" in m else 1,  # older entries: 1
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SerializationError(f"corrupt cache entry: {exc}") from exc
 
 
 class ResultCache:
     """get/put of :class:`CachedResult` on a :class:`~service.cache.BlobCache` (Redis or in-process).
 
-    Never raises because of the backend or a corrupt entry (a miss instead).
+    Never raises because of the backend or a corrupt entry (a miss instead: the entry is
+    deleted and counted through ``on_corrupt``, and the request is computed anew).
     """
 
     def __init__(
@@ -260,12 +321,14 @@ class ResultCache:
         ttl_s: float = 3600.0,
         max_entry_bytes: int = 4 * 1024 * 1024,
         on_lookup: Callable[[bool], None] | None = None,
+        on_corrupt: Callable[[], None] | None = None,
     ) -> None:
         self.cache = cache
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
         self._on_lookup = on_lookup
+        self._on_corrupt = on_corrupt
 
     def key(
         self,
@@ -296,6 +359,8 @@ class ResultCache:
             except SerializationError as exc:
                 log.warning("dropping a corrupt result cache entry %s: %s", key, exc)
                 self.cache.delete(key)
+                if self._on_corrupt:
+                    self._on_corrupt()
         if self._on_lookup:
             self._on_lookup(entry is not None)
         return entry

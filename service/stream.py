@@ -88,6 +88,17 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _counter(raw: bytes | str | None) -> int | None:
+    """A stored non-negative integer (epoch, byte total); ``0`` when absent, ``None`` when corrupt."""
+    if raw is None:
+        return 0
+    try:
+        value = int(_text(raw))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if value >= 0 else None
+
+
 def model_digest(model_key: str) -> str:
     """16 hex naming the features a bank holds (MuSc model, weights, size, blocks)."""
     return hashlib.sha256(model_key.encode()).hexdigest()[:16]
@@ -203,11 +214,16 @@ class RedisBankBackend(BankBackend):
 
     name = "redis"
 
-    def __init__(self, url: str, *, prefix: str, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, *, prefix: str, timeout_s: float, on_corrupt: Callable[[int], None] | None = None
+    ) -> None:
         import redis
 
         self.url = url
         self.prefix = f"{prefix}stream:"
+        # corrupt bookkeeping (an epoch or byte total that is not an integer, an index item that
+        # is not a meta) is read as absent, repaired by the next append or reset, and counted here
+        self._on_corrupt = on_corrupt
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._watch_error: type[BaseException] = redis.WatchError
         # Entry blobs are MiB: reads get a longer socket timeout than the cache's (per recv).
@@ -239,14 +255,21 @@ class RedisBankBackend(BankBackend):
                 raise
             raise CacheUnavailable(f"redis at {self.url}: {exc}") from exc
 
+    def _corrupt(self, n: int, what: str) -> None:
+        if n:
+            log.warning("stream bank store: %d corrupt %s read as absent", n, what)
+            if self._on_corrupt:
+                self._on_corrupt(n)
+
     def read(self, product: str, model: str) -> tuple[int, list[BankMeta]]:
         def run() -> tuple[int, list[BankMeta]]:
             pipe = self.client.pipeline(transaction=True)
             pipe.get(self._epoch_key(product))
             pipe.lrange(self._k(product, model, "index"), 0, -1)
-            epoch, items = pipe.execute()
+            raw_epoch, items = pipe.execute()
             metas = [m for m in (BankMeta.from_json(x) for x in items) if m is not None]
-            return int(epoch or 0), metas
+            epoch = _counter(raw_epoch)
+            return (0 if epoch is None else epoch), metas  # counted and repaired by append / clear
 
         return self._call(run)
 
@@ -278,10 +301,12 @@ class RedisBankBackend(BankBackend):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(index, epoch_key, self._bytes_key)
-                    if int(pipe.get(epoch_key) or 0) != epoch:
+                    stored_epoch = _counter(pipe.get(epoch_key))
+                    if (stored_epoch or 0) != epoch:
                         return AppendOutcome("reset")
                     items = pipe.lrange(index, 0, -1)
                     metas = [m for m in (BankMeta.from_json(x) for x in items) if m is not None]
+                    bad_items = len(items) - len(metas)  # dropped by the rewrite below
                     if any(m.hash == meta.hash for m in metas):
                         return AppendOutcome("duplicate", size=len(metas))
                     plan = _plan(metas, meta, max_images, max_bytes)
@@ -289,11 +314,16 @@ class RedisBankBackend(BankBackend):
                         return AppendOutcome("budget", size=len(metas))
                     kept, evicted = plan
                     mine = sum(m.nbytes for m in kept)
-                    totals = pipe.hgetall(self._bytes_key)
-                    others = sum(int(v) for f, v in totals.items() if _text(f) != bank_field)
+                    totals = {f: _counter(v) for f, v in pipe.hgetall(self._bytes_key).items()}
+                    bad_totals = [f for f, v in totals.items() if v is None]
+                    others = sum(v or 0 for f, v in totals.items() if _text(f) != bank_field)
                     if others + mine > total_bytes:
                         return AppendOutcome("budget", size=len(metas))
                     pipe.multi()
+                    if stored_epoch is None:
+                        pipe.set(epoch_key, 0)  # read as 0 by every replica meanwhile
+                    if bad_totals:
+                        pipe.hdel(self._bytes_key, *bad_totals)  # a bank's next append writes it again
                     pipe.set(self._k(product, model, f"e:{meta.id}"), blob)
                     pipe.delete(index)
                     pipe.rpush(index, *[m.to_json() for m in kept])
@@ -301,6 +331,7 @@ class RedisBankBackend(BankBackend):
                         pipe.delete(*[self._k(product, model, f"e:{m.id}") for m in evicted])
                     pipe.hset(self._bytes_key, bank_field, mine)
                     pipe.execute()
+                    self._corrupt(bad_items + len(bad_totals) + (stored_epoch is None), "bank records")
                     return AppendOutcome("added", size=len(kept), evicted=len(evicted))
                 except self._watch_error:
                     return None  # another replica changed the bank first: read it again
@@ -341,13 +372,20 @@ class RedisBankBackend(BankBackend):
                     n = sum(int(pipe.llen(k)) for k in indexes)
                     fields = [f"{product}:{k[len(head) :].split(':')[0]}" for k in indexes]
                     doomed = [k for k in keys if k != epoch_key]
+                    corrupt_epoch = _counter(pipe.get(epoch_key)) is None
                     pipe.multi()
-                    pipe.incr(epoch_key)  # an append prepared before this reset is dropped
+                    if corrupt_epoch:
+                        # INCR would fail on it; replicas read it as 0: start again past that
+                        pipe.set(epoch_key, 1)
+                    else:
+                        pipe.incr(epoch_key)  # an append prepared before this reset is dropped
                     if doomed:
                         pipe.delete(*doomed)
                     if fields:
                         pipe.hdel(self._bytes_key, *fields)
-                    return n, int(pipe.execute()[0])
+                    first = pipe.execute()[0]
+                    self._corrupt(int(corrupt_epoch), "bank epoch")
+                    return n, 1 if corrupt_epoch else int(first)
                 except self._watch_error:
                     return None
 
@@ -376,7 +414,7 @@ class RedisBankBackend(BankBackend):
 
     def total_bytes(self) -> int:
         got = self._call(lambda: self.client.hvals(self._bytes_key))
-        return sum(int(v) for v in got)
+        return sum(_counter(v) or 0 for v in got)  # a corrupt total: 0 until its bank's next append
 
     def close(self) -> None:
         with contextlib.suppress(*self._errors):
@@ -626,7 +664,10 @@ class StreamService:
         self.backend: BankBackend
         if settings.redis_url:
             self.backend = RedisBankBackend(
-                settings.redis_url, prefix=prefix, timeout_s=settings.redis_timeout_s
+                settings.redis_url,
+                prefix=prefix,
+                timeout_s=settings.redis_timeout_s,
+                on_corrupt=lambda n: services.metrics.cache_corrupt.labels(kind="stream_bank").inc(n),
             )
         else:
             self.backend = FileBankBackend(Path(data_dir) / "stream")

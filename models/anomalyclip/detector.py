@@ -40,6 +40,7 @@ from models.base import (
     ReferenceSet,
     WeightsError,
     check_image,
+    usable_cached,
 )
 from models.clip_backbone import FIT_MODES, ClipBackbone, create_clip, preprocess_pil, square_fit
 from models.cpu import checked_precision, cpu_capabilities
@@ -256,10 +257,11 @@ class AnomalyClipDetector(Detector):
     def text_embeddings(self) -> torch.Tensor:
         """Cached ``[2, E]`` text embeddings on the detector's device."""
         key = self.text_cache_key()
-        cached = self.cache.get_array(key)
+        shape = (2, int(self.clip.visual.output_dim))  # a cached value of another shape is corrupt
+        cached = usable_cached(self.cache.get_array(key), shape)
         if cached is None:
             with self._text_lock:  # one computation even under concurrent first requests
-                cached = self.cache.get_array(key)
+                cached = usable_cached(self.cache.get_array(key), shape)
                 if cached is None:
                     cached = self.compute_text_embeddings().cpu().numpy().astype(np.float32)
                     self.count("text_prototypes_computed")

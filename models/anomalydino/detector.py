@@ -26,6 +26,7 @@ from models.anomalydino.torch_model import (
 from models.base import (
     AnomalyResult,
     Detector,
+    ReferenceMismatchError,
     ReferenceSet,
     ReferencesRequiredError,
     check_image,
@@ -261,6 +262,24 @@ class AnomalyDinoDetector(Detector):
             image_hashes=tuple(image_hash(img) for img in images),
             arrays={BANK: bank.cpu().numpy().astype(np.float32, copy=False)},
         )
+
+    def check_references(self, references: ReferenceSet | None) -> None:
+        """Also the bank itself: a non-empty ``[M, D]`` array, ``D`` this backbone's width.
+
+        Raises:
+            ReferenceMismatchError: another model's bank, or a bank of the wrong shape (a
+                corrupt stored bank must be refused here, not fail inside the model).
+        """
+        super().check_references(references)
+        if references is None:
+            return
+        bank = references.arrays.get(BANK)
+        dim = self.backbone.embed_dim
+        if bank is None or bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] != dim:
+            got = "missing" if bank is None else f"of shape {tuple(bank.shape)}"
+            raise ReferenceMismatchError(
+                f"AnomalyDINO bank {BANK!r} is {got}; this detector needs [M >= 1, {dim}]"
+            )
 
     def bank_tensor(self, references: ReferenceSet) -> torch.Tensor:
         """The bank of ``references`` as a float32 ``[M, D]`` tensor on the detector's device."""

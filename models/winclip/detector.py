@@ -17,10 +17,12 @@ from models.base import (
     ArrayCache,
     Detector,
     LocalArrayCache,
+    ReferenceMismatchError,
     ReferenceSet,
     check_image,
     image_hash,
     leave_one_out_indices,
+    usable_cached,
 )
 from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
 from models.cpu import checked_precision, cpu_capabilities
@@ -154,12 +156,13 @@ class WinClipDetector(Detector):
 
     def _cached_prototypes(self, ensemble: PromptEnsemble, name: str | None, digest: str) -> torch.Tensor:
         key = self.text_cache_key(digest)
-        cached = self.cache.get_array(key)
+        shape = (2, int(self.clip.visual.output_dim))  # a cached value of another shape is corrupt
+        cached = usable_cached(self.cache.get_array(key), shape)
         if cached is None:
             with self._text_locks_guard:
                 lock = self._text_locks.setdefault(key, threading.Lock())
             with lock:  # one computation per key even under concurrent requests
-                cached = self.cache.get_array(key)
+                cached = usable_cached(self.cache.get_array(key), shape)
                 if cached is None:
                     protos = self.compute_text_prototypes(ensemble, name)
                     self.count("text_prototypes_computed")
@@ -198,6 +201,36 @@ class WinClipDetector(Detector):
             image_hashes=tuple(image_hash(img) for img in images),
             arrays=arrays,
         )
+
+    def check_references(self, references: ReferenceSet | None) -> None:
+        """Also the memory itself: ``patches [n * P, D]`` and ``windows_k [n * W_k, E]`` for every
+        scale, ``n >= 1`` (images, or tiles of a tiled product), ``P``/``W_k`` this encoder's
+        patches / windows per image and ``D``/``E`` its token / embedding widths.
+
+        Raises:
+            ReferenceMismatchError: another model's references, or arrays of the wrong shape
+                (a corrupt stored set must be refused here, not fail inside the model).
+        """
+        super().check_references(references)
+        if references is None:
+            return
+        visual = self.clip.visual
+        want = {"patches": (self.encoder.n_patches, int(visual.ln_post.weight.shape[0]))}
+        for k in self.scales:
+            want[f"windows_{k}"] = (int(self.encoder.masks[k].shape[0]), int(visual.output_dim))
+        for name, (per_image, width) in want.items():
+            arr = references.arrays.get(name)
+            if (
+                arr is None
+                or arr.ndim != 2
+                or arr.shape[0] == 0
+                or arr.shape[0] % per_image
+                or arr.shape[1] != width
+            ):
+                got = "missing" if arr is None else f"of shape {tuple(arr.shape)}"
+                raise ReferenceMismatchError(
+                    f"WinCLIP+ memory array {name!r} is {got}; this detector needs [n * {per_image}, {width}]"
+                )
 
     # ---------------------------------------------------------------- inference
     def _encode(self, images: list[np.ndarray]) -> EncodedImages:

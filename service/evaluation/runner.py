@@ -41,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from models.calibration import CalibrationError, calibrate_threshold, min_good_images
 from models.metrics import aupro, f1_max, false_reject_rate, image_auroc, pixel_auroc, recall_at
 from service.evaluation.datasets import Category, Sample, read_dataset
+from service.imaging import as_stored
 
 if TYPE_CHECKING:
     from models import Detector, ReferenceSet
@@ -186,9 +187,11 @@ def references_digest(refs: ReferenceSet | None) -> str:
 
 # ------------------------------------------------------------------ images and maps
 def read_rgb(path: Path) -> np.ndarray:
+    """``HWC uint8 RGB`` pixels as stored: an EXIF/TIFF orientation tag is never applied (as /inspect)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        # from bytes, as /inspect: Pillow 13 mis-loads a TIFF with an orientation tag from a path
+        with Image.open(io.BytesIO(path.read_bytes())) as im:
+            return np.asarray(as_stored(im).convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise EvaluationError(f"{path}: not a readable image ({exc})") from exc
 
@@ -198,8 +201,8 @@ def read_mask(path: Path | None, size: int) -> np.ndarray:
     if path is None:
         return np.zeros((size, size), dtype=bool)
     try:
-        with Image.open(path) as im:
-            m = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
+        with Image.open(io.BytesIO(path.read_bytes())) as im:
+            m = as_stored(im).convert("L").resize((size, size), Image.Resampling.NEAREST)
     except (UnidentifiedImageError, OSError) as exc:
         raise EvaluationError(f"{path}: not a readable mask ({exc})") from exc
     return np.asarray(m) > 0

@@ -90,7 +90,9 @@ def _files(form: FormData) -> tuple[list[SentImage], list[SentImage]]:
             s400="An image is not readable, or more files than ZSI_MAX_CALIBRATION_IMAGES",
             s404="Unknown product",
             s409=(
-                "No golden images and no good images sent (or the product changed meanwhile)",
+                "No golden images and no good images sent (no_good_images), a method that needs its own "
+                "golden set (anomalydino) without one (references_required), or the product changed "
+                "meanwhile (product_changed)",
                 "no_good_images",
             ),
             s413="Body over its cap (JSON: ZSI_MAX_JSON_BYTES; multipart: ZSI_MAX_IMAGE_BYTES x "

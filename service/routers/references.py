@@ -79,7 +79,7 @@ _UPLOAD_BODY: dict[str, Any] = {
             "ZSI_MAX_REFERENCE_IMAGES",
             s409=(
                 "append=true but the stored set's images were not kept (uploaded before images were kept, "
-                "or expired): upload the whole set again",
+                "expired or unreadable): upload the whole set again",
                 "golden_images_missing",
             ),
             s413="An image over ZSI_MAX_IMAGE_BYTES, or the body over ZSI_MAX_IMAGE_BYTES x "
@@ -262,7 +262,7 @@ async def _with_kept_set(
             409,
             "golden_images_missing",
             f"cannot append: {kept.missing} image(s) of the stored golden set were not kept (uploaded "
-            "before golden images were kept, or expired); upload the whole set again without append",
+            "before golden images were kept, expired or unreadable); upload the whole set again without append",
             missing=kept.missing,
         )
     settings = services.settings

@@ -509,3 +509,18 @@ def test_official_source_offline_is_a_weights_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(dinov2, "build_model", offline)
     with pytest.raises(WeightsError, match="weights fetch timm-vit-small-patch14-dinov2"):
         load_detector("anomalydino", weights=None)
+
+
+def test_check_references_refuses_a_bank_of_the_wrong_shape(tiny) -> None:
+    """A stored bank whose width is not the backbone's, or that has no rows, is refused up front."""
+    rng = np.random.default_rng(3)
+    golden = [rng.integers(0, 256, (60, 75, 3), dtype=np.uint8) for _ in range(2)]
+    refs = tiny.encode_references(golden)
+    tiny.check_references(refs)
+    bank = refs.arrays["bank"]
+    for arrays in ({"bank": bank[:, :-1]}, {"bank": bank[:0]}, {"other": bank}):
+        bad = ReferenceSet(refs.method, refs.model_key, refs.image_hashes, arrays)
+        with pytest.raises(ReferenceMismatchError, match="bank"):
+            tiny.check_references(bad)
+        with pytest.raises(ReferenceMismatchError):
+            tiny.predict(golden[0], references=bad)

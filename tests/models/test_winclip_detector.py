@@ -210,3 +210,23 @@ def test_bf16_tower_close_to_fp32(det) -> None:
     a = det.predict(img, object_name="bottle").anomaly_map
     b = low.predict(img, object_name="bottle").anomaly_map
     assert np.abs(a - b).max() < 5e-2
+
+
+def test_check_references_refuses_a_memory_of_the_wrong_shape(det) -> None:
+    """A stored set whose arrays do not fit this encoder is refused up front (a corrupt store
+    entry), not by a shape error deep inside the few-shot maths."""
+    refs = det.encode_references(_images(2, seed=9))
+    det.check_references(refs)
+    for edit in (lambda a: a[:, :-1], lambda a: a[:0], lambda a: a[:-1]):
+        for name in refs.arrays:
+            arrays = {k: (edit(v) if k == name else v) for k, v in refs.arrays.items()}
+            bad = ReferenceSet(refs.method, refs.model_key, refs.image_hashes, arrays)
+            with pytest.raises(ReferenceMismatchError, match=name):
+                det.check_references(bad)
+            with pytest.raises(ReferenceMismatchError):
+                det.predict(_images(1)[0], object_name="bottle", references=bad)
+    missing = ReferenceSet(
+        refs.method, refs.model_key, refs.image_hashes, {"patches": refs.arrays["patches"]}
+    )
+    with pytest.raises(ReferenceMismatchError, match="windows_"):
+        det.check_references(missing)

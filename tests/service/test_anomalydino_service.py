@@ -242,3 +242,21 @@ def test_default_factory_passes_the_anomalydino_image_size(tmp_path, monkeypatch
             default_detector_factory(method, settings=settings, device="cpu", cache=cast(Any, None))
     assert seen["anomalydino"]["image_size"] == 672 and "image_size" not in seen["winclip"]
     assert Settings(_env_file=None).anomalydino_image_size == 448  # type: ignore[call-arg]
+
+
+def test_calibrating_anomalydino_without_its_golden_set_is_a_clear_409(app_client) -> None:
+    """Golden images kept for WinCLIP only (or AnomalyDINO's bank gone): calibrating with anomalydino
+    scored the kept images without a bank and answered 500 ReferencesRequiredError."""
+    with app_client(methods=BOTH) as (client, services):
+        r = client.post("/products/bottle/references?method=winclip", files=files_of(goldens(3)))
+        assert r.status_code == 200, r.text
+        r = client.post("/products/bottle/calibrate", json={"method": "anomalydino"})
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["code"] == "references_required" and err["method"] == "anomalydino"
+        assert "POST /products/bottle/references" in err["message"]
+        assert services.methods["anomalydino"].queue.stats.batches == 0  # nothing reached the model
+        r = client.post(  # its own set: calibrated
+            "/products/bottle/calibrate", json={"method": "winclip", "target_false_reject_rate": 0.5}
+        )
+        assert r.status_code == 200, r.text

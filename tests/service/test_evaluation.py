@@ -445,3 +445,28 @@ def test_report_links_plots_of_a_category_named_with_spaces(
     for f in report["files"]["plots"]["brake disc"]:
         assert (tmp_path / "out" / f).is_file()
         assert f"]({f.replace(' ', '%20')})" in md  # a Markdown link may not hold a bare space
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_evaluation_reads_pixels_as_stored_as_the_service_does(tmp_path: Path, orientation: int) -> None:
+    """Issue 10, item 8, one rule for every reader: Pillow rotates a TIFF by its orientation tag on
+    load, so the evaluation (its own file reader) scored a rotated image and mask where /inspect
+    scores the pixels as stored."""
+    from service.evaluation.runner import read_mask, read_rgb
+    from service.imaging import decode_image
+
+    stored = np.zeros((40, 64, 3), np.uint8)
+    stored[:8, :16] = 255  # top-left block, as the sensor sent it
+    image, mask = tmp_path / "part.tif", tmp_path / "part_mask.tif"
+    for path, pixels in ((image, stored), (mask, stored[..., 0])):
+        im = Image.fromarray(pixels)
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(path, format="TIFF", exif=exif)
+    got = read_rgb(image)
+    assert got.shape == stored.shape and np.array_equal(got, stored)
+    assert np.array_equal(got, decode_image(image.read_bytes(), max_pixels=10**6, max_bytes=10**6))
+    m = read_mask(mask, 64)
+    assert np.array_equal(
+        m, np.asarray(Image.fromarray(stored[..., 0]).resize((64, 64), Image.Resampling.NEAREST)) > 0
+    )

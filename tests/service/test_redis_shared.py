@@ -205,3 +205,50 @@ def test_redis_going_away_and_coming_back(app_client, tmp_path):
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+@needs_redis_server
+def test_redis_outage_refuses_the_newer_writes_too(app_client, tmp_path):
+    """Issue 10, item 5, for the routes added since: a calibration (JSON and multipart), a golden
+    append and a stream reset during an outage are 503 store_unavailable with Retry-After, before
+    any model work (never accepted then lost); reads still answer from the local copy."""
+
+    port = _free_port()
+    server = start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    goldens = [("images", (f"g{i}.png", png_bytes(random_image(50 + i)), "image/png")) for i in range(3)]
+    try:
+        with app_client(redis_url=url, redis_timeout_s=0.2, redis_retry_s=0.3, result_cache=False) as (
+            client,
+            services,
+        ):
+            assert client.put("/products/part", json={"object_name": "part"}).status_code == 201
+            assert client.post("/products/part/references", files=goldens).status_code == 200
+            queue = services.methods["winclip"].queue
+            images_before = queue.stats.images
+
+            stop_redis(server)
+            assert client.get("/products/part").status_code == 200  # read from the local copy
+            extra = [("good", ("x.png", png_bytes(random_image(60)), "image/png"))]
+            refused = [
+                client.post("/products/part/calibrate", json={"target_false_reject_rate": 0.5}),
+                client.post(
+                    "/products/part/calibrate",
+                    data={"config": '{"target_false_reject_rate": 0.5}'},
+                    files=extra,
+                ),
+                client.post(
+                    "/products/part/references",
+                    params={"append": "true"},
+                    files=[("images", ("n.png", png_bytes(random_image(61)), "image/png"))],
+                ),
+                client.delete("/products/part/stream"),
+            ]
+            for r in refused:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable" and r.headers["retry-after"]
+            assert queue.stats.images == images_before  # refused before any model work
+            assert client.get("/products/part").json().get("calibration") is None
+            assert client.get("/products/part/references").json()["sets"][0]["count"] == 3
+    finally:
+        stop_redis(server)

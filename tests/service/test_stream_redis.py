@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 import pytest
@@ -233,3 +234,52 @@ def test_redis_outage_stream_answers_keep_working(app_client, tmp_path):
             assert back["bank_size"] == 1
     finally:
         stop_redis(server)
+
+
+def _corrupt_total(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith('zsi_cache_corrupt_total{kind="stream_bank"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_corrupt_bank_bookkeeping_is_read_as_absent_repaired_and_counted(app_client, redis_url, key_prefix):
+    """A bank epoch, byte total or index item that is not what it should be made every answer of the
+    product, its GET /stream a 500 and its reset a 503 (INCR on a non-integer) until an operator
+    cleaned Redis by hand; each must read as absent, be repaired by the next append or reset, and
+    be counted."""
+    import redis
+
+    direct = redis.Redis.from_url(redis_url)
+    settings = {
+        "redis_url": redis_url,
+        "key_prefix": key_prefix,
+        "methods": METHODS,
+        "factory": planted_factory,
+    }
+    with app_client(**settings) as (client, _):
+        assert client.put("/products/gear", json=stream_product(bank=6, min_bank=2)).status_code == 201
+        post(client, part(1))
+        post(client, part(2))
+        (index,) = [k for k in direct.scan_iter(match=f"{key_prefix}stream:gear:*:index", count=500)]
+        epoch_key, bytes_key = f"{key_prefix}stream:gear:epoch", f"{key_prefix}stream:bytes"
+        (field,) = direct.hkeys(bytes_key)
+        direct.set(epoch_key, b"not a number")
+        direct.hset(bytes_key, field, b"lots")
+        direct.rpush(index, b"[1, 2]")
+        status = client.get("/products/gear/stream")
+        assert status.status_code == 200, status.text
+        assert status.json()["size"] == 2 and status.json()["epoch"] == 0
+        answer = post(client, part(3))  # scored against the 2 good entries, appended; repairs the rest
+        assert answer["stream"]["scored_against"] == 2 and answer["stream"]["appended"] == "added"
+        assert direct.get(epoch_key) == b"0" and int(cast(bytes, direct.hget(bytes_key, field))) > 0
+        assert direct.llen(index) == 3  # the corrupt item dropped, the new entry added
+        assert _corrupt_total(client.get("/metrics").text) == 3.0
+        direct.set(epoch_key, b"-")
+        reset = client.delete("/products/gear/stream")
+        assert reset.status_code == 200, reset.text
+        assert reset.json()["deleted_images"] == 3 and reset.json()["epoch"] == 1
+        assert _corrupt_total(client.get("/metrics").text) == 4.0
+        again = post(client, part(4))
+        assert again["warming_up"] is True and again["stream"]["appended"] == "added"
+    direct.close()
