@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -160,9 +162,23 @@ def weights_path(name: str, weights_dir: str | Path) -> Path:
     return Path(weights_dir) / spec.file
 
 
+def cli_command() -> str:
+    """How to call the ``anomaly-inspect`` command from here.
+
+    ``anomaly-inspect`` when it is on PATH (a container, an activated virtualenv); else the
+    script beside this Python (``.venv/bin/anomaly-inspect`` of a checkout), so that a
+    hint can be pasted as it is.
+    """
+    if shutil.which("anomaly-inspect"):
+        return "anomaly-inspect"
+    beside = Path(sys.executable).with_name("anomaly-inspect")
+    return str(beside) if beside.is_file() else "anomaly-inspect"
+
+
 def fetch_hint(names: list[str] | tuple[str, ...], weights_dir: str | Path) -> str:
     """The exact command that downloads ``names`` into ``weights_dir``."""
-    return f"{FETCH_COMMAND} {' '.join(names)} --dir {weights_dir}"
+    command = FETCH_COMMAND.replace("anomaly-inspect", cli_command(), 1)
+    return f"{command} {' '.join(names)} --dir {weights_dir}"
 
 
 def _present(spec: WeightSpec, weights_dir: Path) -> bool:

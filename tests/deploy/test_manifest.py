@@ -149,10 +149,28 @@ def test_partial_download_does_not_count_as_present(tmp_path: Path) -> None:
     assert weights.missing_weights(["sam-vit-b"], tmp_path) == ["sam-vit-b"]
 
 
+def test_fetch_hint_names_a_command_that_runs_from_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PATH (a container, an activated venv): the bare name; else the script beside this Python
+    (``.venv/bin/anomaly-inspect`` of a checkout), so the hint in /ready can be pasted as it is."""
+    monkeypatch.setattr(weights.shutil, "which", lambda _: "/usr/local/bin/anomaly-inspect")
+    assert weights.fetch_hint(["x"], "w") == "anomaly-inspect weights fetch x --dir w"
+    monkeypatch.setattr(weights.shutil, "which", lambda _: None)
+    script = tmp_path / "bin" / "anomaly-inspect"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(weights.sys, "executable", str(tmp_path / "bin" / "python"))
+    assert weights.fetch_hint(["x"], "w") == f"{script} weights fetch x --dir w"
+
+
 def test_existing_helpers_keep_their_behaviour(tmp_path: Path) -> None:
     name = "openclip-vit-b-16-plus-240-laion400m_e31"
     assert weights.weights_path(name, tmp_path) == tmp_path / EXPECTED_FILES[name]
-    assert weights.fetch_hint([name], tmp_path) == f"anomaly-inspect weights fetch {name} --dir {tmp_path}"
+    assert (
+        weights.fetch_hint([name], tmp_path)
+        == f"{weights.cli_command()} weights fetch {name} --dir {tmp_path}"
+    )
     with pytest.raises(KeyError, match="unknown weights"):
         weights.weights_path("nope", tmp_path)
     with pytest.raises(KeyError, match="unknown weights"):
