@@ -26,7 +26,14 @@ from models.base import (
 )
 from models.clip_backbone import ClipBackbone, encode_text_trimmed, preprocess
 from models.cpu import checked_precision, cpu_capabilities
-from models.winclip.encoder import EncodedImages, PackedTower, TowerFn, VisualTower, WinClipEncoder
+from models.winclip.encoder import (
+    EncodedImages,
+    PackedTower,
+    TowerFn,
+    VisualTower,
+    WinClipEncoder,
+    default_prepack,
+)
 from models.winclip.maths import (
     TEMPERATURE,
     class_scores,
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
     from prompts import ProductRecipe
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``kernels`` label of the tower made of open_clip's own modules (CPUs without AVX-512)
+OPEN_CLIP_KERNELS = "open_clip"
 TEXT_BATCH = 64  # prompts per text-encoder pass
 
 
@@ -96,17 +105,12 @@ class WinClipDetector(Detector):
         self.cache: ArrayCache = cache if cache is not None else LocalArrayCache()
         self.tokenizer = open_clip.get_tokenizer(backbone.model_name)
         if tower is None:
-            # one packed pass for the full image and all windows; low precision = a cast copy
-            try:
-                tower = PackedTower(self.clip.visual, dtype=_PRECISIONS[self.precision])
-            except ValueError:  # a block layout PackedTower does not know: open_clip's modules
-                if self.precision != "fp32":
-                    raise
-                tower = VisualTower(self.clip.visual)
+            tower = self._default_tower(on_cpu)
         self.tower_label = tower_label
-        #: GEMM path of the tower: ``onednn-prepacked`` / ``torch`` (PackedTower), else the backend
+        #: GEMM path of the tower: ``onednn-prepacked`` / ``torch`` (PackedTower), ``open_clip``
+        #: (open_clip's own modules, one pass per window scale), else the backend
         self.kernels = str(
-            getattr(tower, "kernels", "torch" if isinstance(tower, VisualTower) else tower_label)
+            getattr(tower, "kernels", OPEN_CLIP_KERNELS if isinstance(tower, VisualTower) else tower_label)
         )
         # On CPU, sub-batches of ~one image keep activations in cache (measured: same or
         # faster than one huge pass); on GPU the whole batch goes through at once.
@@ -116,6 +120,27 @@ class WinClipDetector(Detector):
         self.scales = self.encoder.scales
         self._text_locks: dict[str, threading.Lock] = {}
         self._text_locks_guard = threading.Lock()
+
+    def _default_tower(self, on_cpu: bool) -> TowerFn:
+        """The visual tower for this device, precision and CPU (``models/cpu.py``).
+
+        One :class:`PackedTower` pass for the full image and all windows, with oneDNN-
+        prepacked weights where those are the fastest GEMMs (AVX-512 CPUs, bf16 with native
+        kernels) and on GPUs. On a CPU without them (AVX2), fp32 runs open_clip's own
+        modules instead, one pass per window scale: torch's fused inference attention
+        there beat the packed pass with plain GEMMs (3.35 vs 3.70 s/image with oneDNN and
+        ATen limited to AVX2; anomalib 2.7 3.25 s in the same run), with maps equal to
+        float rounding.
+        """
+        dtype = _PRECISIONS[self.precision]
+        if on_cpu and dtype == torch.float32 and not default_prepack(dtype, "cpu"):
+            return VisualTower(self.clip.visual)
+        try:
+            return PackedTower(self.clip.visual, dtype=dtype)
+        except ValueError:  # a block layout PackedTower does not know: open_clip's modules
+            if self.precision != "fp32":
+                raise
+            return VisualTower(self.clip.visual)
 
     # ------------------------------------------------------------------ prompts
     def _prompt_inputs(
