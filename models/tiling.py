@@ -256,15 +256,14 @@ class TiledDetector(Detector):
         )
 
     def check_references(self, references: ReferenceSet | None) -> None:
-        if references is None:
-            return
-        if not self.supports_references:
-            raise ReferenceMismatchError(f"method {self.method!r} does not use reference images")
-        if references.model_key != self.model_key:
+        try:
+            super().check_references(references)
+        except ReferenceMismatchError as exc:
+            if references is None or references.model_key == self.model_key:
+                raise
             raise ReferenceMismatchError(
-                f"references were encoded by {references.model_key}, this detector is {self.model_key} "
-                "(golden images must be tiled as the inspected images are)"
-            )
+                f"{exc} (golden images must be tiled as the inspected images are)"
+            ) from None
 
     def _inner_references(self, references: ReferenceSet | None) -> ReferenceSet | None:
         if references is None:
