@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 from service.errors import ApiError
 
@@ -24,6 +28,27 @@ ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF"}
 
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
+
+
+async def read_form(request: Request, *, max_files: int, limit_setting: str) -> FormData:
+    """The multipart form of ``request``, with parser refusals as JSON errors.
+
+    Starlette refuses a malformed body, more than ``max_files`` files or more than 16
+    fields with a bare 400; here they are 422 ``too_many_images`` (naming the limit and the
+    setting behind it) or 400 ``invalid_multipart``, like every other refusal of the service.
+    """
+    try:
+        return await request.form(max_files=max_files, max_fields=16)
+    except (HTTPException, MultiPartException) as exc:
+        detail = str(getattr(exc, "detail", None) or getattr(exc, "message", exc))
+        if "too many files" in detail.lower():
+            raise ApiError(
+                422,
+                "too_many_images",
+                f"at most {max_files} image file(s) per request ({limit_setting})",
+                max_files=max_files,
+            ) from None
+        raise ApiError(400, "invalid_multipart", f"the multipart body could not be read: {detail}") from None
 
 
 async def read_capped(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:

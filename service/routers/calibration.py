@@ -12,7 +12,7 @@ from starlette.datastructures import FormData, UploadFile
 from service.calibration import CalibrationFlow, SentImage
 from service.deps import ApiKeyDep, ServicesDep
 from service.errors import ApiError
-from service.imaging import media_type, read_capped
+from service.imaging import media_type, read_capped, read_form
 from service.schemas import UNAUTHORIZED, CalibrateIn, CalibrationOut, error_responses
 
 router = APIRouter(prefix="/products", tags=["calibration"], dependencies=[ApiKeyDep], responses=UNAUTHORIZED)
@@ -115,7 +115,9 @@ async def calibrate(product_id: ProductId, request: Request, services: ServicesD
     flow = CalibrationFlow(services)
     ctype = media_type(request.headers.get("content-type"))
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=settings.max_calibration_images, max_fields=16)
+        form = await read_form(
+            request, max_files=settings.max_calibration_images, limit_setting="ZSI_MAX_CALIBRATION_IMAGES"
+        )
         try:
             raw = form.get("config")  # a JSON string, or a JSON file (curl -F config=@options.json)
             text = await raw.read() if isinstance(raw, UploadFile) else raw

@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 from models.calibration import DEFAULT_SENSITIVITY
 from service.deps import ApiKeyDep, Services, ServicesDep
 from service.errors import ApiError
-from service.imaging import RAW_TYPES, media_type, read_capped, too_large_bytes
+from service.imaging import RAW_TYPES, media_type, read_capped, read_form, too_large_bytes
 from service.inspection import InspectParams
 from service.schemas import InspectResponse, error_responses
 
@@ -55,7 +55,7 @@ async def read_upload(request: Request, services: Services) -> bytes:
     max_bytes = services.settings.max_image_bytes
     ctype = media_type(request.headers.get("content-type"))
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=16)
+        form = await read_form(request, max_files=1, limit_setting="one image per /inspect request")
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise ApiError(

@@ -14,7 +14,7 @@ from models.tiling import TilingConfig
 from prompts import ProductRecipe
 from service.deps import ApiKeyDep, LoadedMethod, Services, ServicesDep
 from service.errors import ApiError
-from service.imaging import decode_image, media_type, too_large_bytes
+from service.imaging import decode_image, media_type, read_form, too_large_bytes
 from service.inspection import FEW_SHOT_METHOD
 from service.references import hashes_of
 from service.schemas import (
@@ -118,7 +118,9 @@ async def add_references(
         raise ApiError(
             415, "unsupported_media_type", "upload golden images as multipart/form-data (field 'images')"
         )
-    form = await request.form(max_files=settings.max_reference_images, max_fields=16)
+    form = await read_form(
+        request, max_files=settings.max_reference_images, limit_setting="ZSI_MAX_REFERENCE_IMAGES"
+    )
     blobs: list[bytes] = []
     images: list[np.ndarray] = []
     try:

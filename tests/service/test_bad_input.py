@@ -88,3 +88,35 @@ def test_bad_inputs(app_client):
         # still healthy and still inspecting
         assert client.get("/health").json() == {"status": "ok"}
         assert post("/inspect", content=good, headers=raw).status_code == 200
+
+
+def test_multipart_parser_refusals_are_json_4xx_not_500(app_client):
+    """Two files in one /inspect upload, too many golden images, a body that is not multipart:
+    Starlette's parser refuses them; each is a JSON 4xx with its own code, never a 500."""
+    good = png_bytes(random_image(0))
+    with app_client(max_reference_images=2) as (client, _):
+        two = [("image", ("a.png", good, "image/png")), ("image", ("b.png", good, "image/png"))]
+        r = client.post("/inspect", files=two)
+        assert_error(r, 422, "too_many_images")
+        assert r.json()["error"]["max_files"] == 1
+        three = [("images", (f"{i}.png", good, "image/png")) for i in range(3)]
+        r = client.post("/products/bottle/references", files=three)
+        assert_error(r, 422, "too_many_images")
+        assert "ZSI_MAX_REFERENCE_IMAGES" in r.json()["error"]["message"]
+        broken = {"content-type": "multipart/form-data"}  # no boundary
+        assert_error(
+            client.post("/inspect", content=b"--x\r\nnot a part", headers=broken), 400, "invalid_multipart"
+        )
+        assert_error(
+            client.post("/products/bottle/calibrate", content=b"junk", headers=broken),
+            400,
+            "invalid_multipart",
+        )
+        many_fields = {f"f{i}": "v" for i in range(20)}
+        assert_error(
+            client.post("/inspect", data=many_fields, files={"image": ("a.png", good, "image/png")}),
+            400,
+            "invalid_multipart",
+        )
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.post("/inspect", files={"image": ("a.png", good, "image/png")}).status_code == 200

@@ -80,7 +80,8 @@ def test_reference_upload_errors(app_client):
             "/products/bottle/references",
             files=[("images", (f"{i}.png", good, "image/png")) for i in range(3)],
         )
-        assert r.status_code == 400, r.json()  # more files than ZSI_MAX_REFERENCE_IMAGES
+        assert r.status_code == 422, r.json()  # more files than ZSI_MAX_REFERENCE_IMAGES
+        assert r.json()["error"]["code"] == "too_many_images"
         assert client.get("/products/bottle/references").json()["sets"] == []
 
 
