@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from models.calibration import DEFAULT_SENSITIVITY
 from service.deps import ApiKeyDep, Services, ServicesDep
@@ -51,7 +52,20 @@ _ERRORS = error_responses(
 
 
 async def read_upload(request: Request, services: Services) -> bytes:
-    """The image bytes of a multipart (field ``image``) or raw-body request, size-capped."""
+    """The image bytes of a multipart (field ``image``) or raw-body request, size-capped.
+
+    A client that hangs up mid-upload is a refusal (``client_disconnected``, recorded like
+    any other), not a server error.
+    """
+    try:
+        return await _read_upload(request, services)
+    except ClientDisconnect:
+        raise ApiError(
+            400, "client_disconnected", "the client closed the connection before the image was read"
+        ) from None
+
+
+async def _read_upload(request: Request, services: Services) -> bytes:
     max_bytes = services.settings.max_image_bytes
     ctype = media_type(request.headers.get("content-type"))
     if ctype == "multipart/form-data":

@@ -120,3 +120,37 @@ def test_multipart_parser_refusals_are_json_4xx_not_500(app_client):
         )
         assert client.get("/health").json() == {"status": "ok"}
         assert client.post("/inspect", files={"image": ("a.png", good, "image/png")}).status_code == 200
+
+
+@pytest.mark.parametrize("ctype", ["image/png", "multipart/form-data; boundary=xyz"])
+def test_a_client_hanging_up_mid_upload_is_a_refusal_not_a_server_error(ctype) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.errors import ApiError
+    from service.routers.inspect import read_upload
+
+    messages = [
+        {
+            "type": "http.request",
+            "body": b"--xyz\r\n" if "multipart" in ctype else b"\x89PNG",
+            "more_body": True,
+        },
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/inspect",
+        "headers": [(b"content-type", ctype.encode())],
+    }
+    services = SimpleNamespace(settings=SimpleNamespace(max_image_bytes=1 << 20))
+    with pytest.raises(ApiError) as err:
+        asyncio.run(read_upload(Request(scope, receive), services))  # type: ignore[arg-type]
+    assert (err.value.status, err.value.code) == (400, "client_disconnected")
