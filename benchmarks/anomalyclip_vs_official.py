@@ -59,15 +59,16 @@ maps for the same image (last round of that configuration): float rounding only
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._children import AVX2_ENV, run_child  # noqa: E402
+
 SIZE = 518
 
 #: timed in this project's virtualenv; argv: repeats, weights file to write (or "-"), map .npy
@@ -177,24 +178,6 @@ _OFFICIAL_CHILD = textwrap.dedent(
     """
 )
 
-_AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-def _run(python: str, code: str, args: list[str], env: dict[str, str], cwd: Path) -> dict[str, object]:
-    out = subprocess.run(
-        [python, "-c", code, *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{python} failed:\n{out.stderr[-3000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-    result: dict[str, object] = json.loads(line)
-    return result
-
 
 def _max_abs_diff(a: Path, b: Path) -> float:
     import numpy as np
@@ -220,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"{repo} is not a checkout of zqhang/AnomalyCLIP (no AnomalyCLIP_lib/, prompt_ensemble.py)"
         )
-    configs: dict[str, dict[str, str]] = {"native": {}, "avx2": _AVX2_ENV}
+    configs: dict[str, dict[str, str]] = {"native": {}, "avx2": AVX2_ENV}
     chosen = list(configs) if args.isa == "both" else [args.isa]
     print(
         f"AnomalyCLIP, ViT-L-14-336, random weights, batch 1, {SIZE}x{SIZE}, layer 24 (s/image, best of runs)"
@@ -244,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             info: dict[str, object] = {}
             for _ in range(args.rounds):
                 export = "-" if weights.is_file() else str(weights)
-                info = _run(
+                info = run_child(
                     sys.executable,
                     _PROJECT_CHILD,
                     [str(args.repeats), export, str(ours_map), str(SIZE)],
@@ -252,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                     ROOT,
                 )
                 ours.append(float(info["best"]))  # type: ignore[arg-type]
-                official = _run(
+                official = run_child(
                     args.official_python,
                     _OFFICIAL_CHILD,
                     [str(args.repeats), str(repo), str(weights), str(theirs_map), str(SIZE)],
                     theirs_env,
                     repo,
                 )
-                theirs.append(float(official["best"]))  # type: ignore[arg-type]
+                theirs.append(float(official["best"]))
                 stubbed = official.get("stubbed")
             diff = _max_abs_diff(ours_map, theirs_map)
             scores.append(f"{name} project {info.get('score'):.6f} official {official.get('score'):.6f}")

@@ -55,9 +55,6 @@ last run of each side in that configuration.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -67,6 +64,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._children import AVX2_ENV, run_child  # noqa: E402
 
 #: the images, identical in both children (numpy's seeded PCG64); ``SIZE`` and ``SHOTS`` set before
 _IMAGES = textwrap.dedent(
@@ -151,23 +151,9 @@ _ANOMALIB_CHILD = textwrap.dedent(
     """
 ).replace("# <images>\n", _IMAGES)
 
-_AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
 
 def _run(python: str, code: str, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
-    out = subprocess.run(
-        [python, "-c", code, *argv],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{python} failed:\n{out.stderr[-3000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-    result: dict[str, Any] = json.loads(line)
-    return result
+    return run_child(python, code, argv, {"PYTHONPATH": str(ROOT), **env}, ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.shots < 1 or args.repeats < 1 or args.rounds < 1:
         p.error("--shots, --repeats and --rounds must be at least 1")
-    configs: dict[str, dict[str, str]] = {"native": {}, "avx2": _AVX2_ENV}
+    configs: dict[str, dict[str, str]] = {"native": {}, "avx2": AVX2_ENV}
     chosen = list(configs) if args.isa == "both" else [args.isa]
     print(f"AnomalyDINO few-shot (K={args.shots}), ViT-S/14, random weights, batch 1 (s/image, best of runs)")
     print(

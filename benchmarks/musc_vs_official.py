@@ -97,14 +97,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._children import AVX2_ENV, run_child  # noqa: E402
+
 SIZE = 518
 R_LIST = (1, 3, 5)
 RSCIN_K = (1, 2, 3)  # official musc.py for mvtec_ad and btad
@@ -246,24 +248,6 @@ _OFFICIAL_CHILD = textwrap.dedent(
     """
 )
 
-_AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-def _run(python: str, code: str, args: list[str], env: dict[str, str], cwd: Path) -> dict[str, object]:
-    out = subprocess.run(
-        [python, "-c", code, *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{python} failed:\n{out.stderr[-3000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-    result: dict[str, object] = json.loads(line)
-    return result
-
 
 def _max_abs_diff(a: object, b: object) -> float:
     import numpy as np
@@ -325,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     topmin_max, k_list, notes = official_settings(args.batch)
-    configs: dict[str, dict[str, str]] = {"native": {}, "avx2": _AVX2_ENV}
+    configs: dict[str, dict[str, str]] = {"native": {}, "avx2": AVX2_ENV}
     chosen = list(configs) if args.isa == "both" else [args.isa]
     h, w = args.image_hw
     print(
@@ -356,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             theirs: list[tuple[float, float]] = []
             for _ in range(args.rounds):
                 export = "-" if weights.is_file() else str(weights)
-                info = _run(
+                info = run_child(
                     sys.executable,
                     _PROJECT_CHILD,
                     [str(args.repeats), str(images), export, ours_out],
@@ -364,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     ROOT,
                 )
                 ours.append((float(info["best"]), float(info["backbone"])))  # type: ignore[arg-type]
-                official = _run(
+                official = run_child(
                     args.official_python,
                     _OFFICIAL_CHILD,
                     [

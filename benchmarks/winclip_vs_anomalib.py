@@ -22,14 +22,14 @@ machine comes to an AVX2-only CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._children import AVX2_ENV, run_child  # noqa: E402
 
 #: timed in the anomalib virtualenv; prints one JSON line
 _ANOMALIB_CHILD = textwrap.dedent(
@@ -78,23 +78,9 @@ _PROJECT_CHILD = textwrap.dedent(
     """
 )
 
-_AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
 
 def _run(python: str, code: str, repeats: int, env: dict[str, str]) -> dict[str, object]:
-    out = subprocess.run(
-        [python, "-c", code, str(repeats)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{python} failed:\n{out.stderr[-3000:]}")
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-    result: dict[str, object] = json.loads(line)
-    return result
+    return run_child(python, code, [str(repeats)], {"PYTHONPATH": str(ROOT), **env}, ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs per side and configuration")
     p.add_argument("--isa", choices=["native", "avx2", "both"], default="both")
     args = p.parse_args(argv)
-    configs = {"native": {}, "avx2": _AVX2_ENV}
+    configs = {"native": {}, "avx2": AVX2_ENV}
     chosen = list(configs) if args.isa == "both" else [args.isa]
     print("WinCLIP zero-shot, ViT-B-16-plus-240, random weights, batch 1, 240x240 (s/image, best of runs)")
     print(f"{'cpu path':<8} {'project':>9} {'anomalib':>9} {'project/anomalib':>17}  project kernels")
