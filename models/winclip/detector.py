@@ -316,9 +316,24 @@ class WinClipDetector(Detector):
         self.check_references(references)
         for i, img in enumerate(images):
             check_image(img, f"image {i}")
+        digest, prototypes, enc, timings = self._prompts_and_encoding(images, object_name, product)
+        t3 = time.perf_counter()
+        scores, grid = self.zero_shot_maps(enc, prototypes)
+        if references is not None:
+            fs = self.few_shot_map(enc, references)
+            grid = (grid + fs) / 2
+            scores = (scores + fs.flatten(1).amax(dim=1)) / 2
+        timings["score"] = time.perf_counter() - t3
+        return self._results(images, scores, grid, digest, timings, used_references=references is not None)
+
+    def _prompts_and_encoding(
+        self, images: Sequence[np.ndarray], object_name: str | None, product: ProductRecipe | None
+    ) -> tuple[str, torch.Tensor, EncodedImages, dict[str, float]]:
+        """Prompt digest (once per batch: cache key and result label), text prototypes and
+        the encoded batch, with the seconds of each step (``text``, ``preprocess``, ``encode``)."""
         t0 = time.perf_counter()
         ensemble, name = self._prompt_inputs(object_name, product)
-        digest = ensemble.digest(name)  # once per batch: cache key and result label
+        digest = ensemble.digest(name)
         prototypes = self._cached_prototypes(ensemble, name, digest)
         t1 = time.perf_counter()
         pixels = preprocess(
@@ -327,14 +342,7 @@ class WinClipDetector(Detector):
         t2 = time.perf_counter()
         enc = self.encoder.encode(pixels)
         t3 = time.perf_counter()
-        scores, grid = self.zero_shot_maps(enc, prototypes)
-        if references is not None:
-            fs = self.few_shot_map(enc, references)
-            grid = (grid + fs) / 2
-            scores = (scores + fs.flatten(1).amax(dim=1)) / 2
-        t4 = time.perf_counter()
-        timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2, "score": t4 - t3}
-        return self._results(images, scores, grid, digest, timings, used_references=references is not None)
+        return digest, prototypes, enc, {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2}
 
     @torch.no_grad()
     def leave_one_out(
@@ -358,16 +366,7 @@ class WinClipDetector(Detector):
         for i, img in enumerate(images):
             check_image(img, f"image {i}")
         keep = leave_one_out_indices(images)  # raises with < 2 distinct images
-        t0 = time.perf_counter()
-        ensemble, name = self._prompt_inputs(object_name, product)
-        digest = ensemble.digest(name)
-        prototypes = self._cached_prototypes(ensemble, name, digest)
-        t1 = time.perf_counter()
-        pixels = preprocess(
-            list(images), self.backbone.image_size, self.backbone.mean, self.backbone.std, self.device
-        )
-        t2 = time.perf_counter()
-        enc = self.encoder.encode(pixels)
+        digest, prototypes, enc, timings = self._prompts_and_encoding(images, object_name, product)
         self.count("references_encoded", len(images))
         t3 = time.perf_counter()
         scores, grid = self.zero_shot_maps(enc, prototypes)  # [K], [K, h, w]
@@ -384,8 +383,7 @@ class WinClipDetector(Detector):
         fs = torch.stack(fs_maps)  # [K, h, w]
         grid = (grid + fs) / 2
         scores = (scores + fs.flatten(1).amax(dim=1)) / 2
-        t4 = time.perf_counter()
-        timings = {"text": t1 - t0, "preprocess": t2 - t1, "encode": t3 - t2, "score": t4 - t3}
+        timings["score"] = time.perf_counter() - t3
         results = self._results(images, scores, grid, digest, timings, used_references=True)
         return [
             replace(r, details={**r.details, "reference_count": len(others), "leave_one_out": True})
